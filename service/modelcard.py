@@ -1,0 +1,123 @@
+"""Model card: everything the service must know about a detector, validated by pydantic.
+
+A card travels inside the ONNX file (metadata property ``snipserve.card``, JSON) and/or in a sidecar
+YAML next to the model (``model.onnx`` -> ``model.yaml``); the sidecar wins field by field. Ultralytics
+exports without a card are recognised from their own metadata (``names``, ``imgsz``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ModelLoadError
+from service.plan import LevelSpec
+
+CARD_METADATA_KEY = "snipserve.card"
+
+OutputFormat = Literal["snipserve", "yolov8", "end2end"]
+
+
+class ModelCard(BaseModel):
+    """Metadata of one detector. Boxes are produced in chip pixels by the output adapter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Model id reported in responses and metrics.")
+    version: str = Field(default="0", description="Model version string.")
+    classes: tuple[str, ...] = Field(min_length=1, description="Class names, index = class id.")
+    input_size: int = Field(ge=32, description="Chip side C in pixels; the engine input is [B, 3, C, C].")
+    channel_order: Literal["RGB", "BGR"] = Field(default="RGB", description="Channel order the model expects.")
+    mean: tuple[float, float, float] = Field(default=(0.0, 0.0, 0.0), description="Subtracted after scaling to [0, 1].")
+    std: tuple[float, float, float] = Field(default=(1.0, 1.0, 1.0), description="Divided after mean subtraction.")
+    output_format: OutputFormat = Field(default="snipserve", description="Which output adapter decodes the outputs.")
+    input_name: str | None = Field(default=None, description="Engine input name; default: the model's first input.")
+    output_names: tuple[str, ...] | None = Field(
+        default=None, description="Engine outputs in the order the adapter expects; default: the model's order."
+    )
+    sweet_spot: tuple[float, float] = Field(
+        default=(16.0, 128.0), description="Object sizes (sqrt area, chip pixels) the model detects well."
+    )
+    default_levels: tuple[LevelSpec, ...] = Field(min_length=1, description="The 'default' levels preset.")
+    presets: dict[str, tuple[LevelSpec, ...]] = Field(
+        default_factory=dict, description="Other named level presets (e.g. 'fast', 'accurate')."
+    )
+    score_threshold: float = Field(default=0.3, ge=0, le=1, description="Default minimum score in responses.")
+    pre_nms_iou: float = Field(default=0.6, gt=0, le=1, description="Per-chip NMS IoU for formats that need it (yolov8).")
+    max_per_chip: int = Field(default=300, ge=1, description="At most this many candidates per chip.")
+    training: dict[str, Any] = Field(default_factory=dict, description="How the model was trained.")
+    evaluation: dict[str, Any] = Field(default_factory=dict, description="Measured evaluation results.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelCard:
+        if self.sweet_spot[0] <= 0 or self.sweet_spot[1] <= self.sweet_spot[0]:
+            raise ValueError(f"sweet_spot must be 0 < lo < hi, got {self.sweet_spot}")
+        if "default" in self.presets:
+            raise ValueError("preset 'default' is reserved for default_levels")
+        return self
+
+    def levels_preset(self, name: str) -> tuple[LevelSpec, ...]:
+        """Levels of preset ``name`` ('default' = the card's default levels)."""
+        if name == "default":
+            return self.default_levels
+        try:
+            return self.presets[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @property
+    def preset_names(self) -> list[str]:
+        return ["default", *self.presets]
+
+
+def _ultralytics_card(meta: dict[str, str], name: str) -> dict[str, Any]:
+    """Card fields from an Ultralytics YOLO ONNX export's own metadata (``names``, ``imgsz``)."""
+    names = ast.literal_eval(meta["names"])  # a Python dict literal {0: 'person', ...}
+    imgsz = ast.literal_eval(meta.get("imgsz", "[640, 640]"))
+    size = int(imgsz[0] if isinstance(imgsz, list | tuple) else imgsz)
+    return {
+        "name": name,
+        "version": meta.get("version", "0"),
+        "classes": [names[i] for i in sorted(names)],
+        "input_size": size,
+        "output_format": "yolov8",
+        "sweet_spot": (16.0, size / 2),
+        "default_levels": [{"long_side": size}, {"long_side": size * 2}],
+    }
+
+
+def load_card(model_path: Path, metadata: dict[str, str]) -> ModelCard:
+    """The card of the model at ``model_path``, from its metadata and/or sidecar YAML."""
+    fields: dict[str, Any] = {}
+    if CARD_METADATA_KEY in metadata:
+        try:
+            fields.update(json.loads(metadata[CARD_METADATA_KEY]))
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{model_path}: metadata '{CARD_METADATA_KEY}' is not valid JSON: {exc}") from exc
+    elif "names" in metadata:
+        fields.update(_ultralytics_card(metadata, model_path.stem))
+    sidecar = model_path.with_suffix(".yaml")
+    if sidecar.exists():
+        loaded = yaml.safe_load(sidecar.read_text())
+        if not isinstance(loaded, dict):
+            raise ModelLoadError(f"{sidecar}: expected a mapping of card fields")
+        fields.update(loaded)
+    if not fields:
+        raise ModelLoadError(
+            f"{model_path}: no model card (ONNX metadata '{CARD_METADATA_KEY}' or sidecar {sidecar.name})"
+        )
+    fields.setdefault("name", model_path.stem)
+    try:
+        return ModelCard.model_validate(fields)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{model_path}: invalid model card: {exc}") from exc
+
+
+def card_metadata(card: ModelCard) -> dict[str, str]:
+    """ONNX metadata properties that carry ``card`` (used by the exporters)."""
+    return {CARD_METADATA_KEY: card.model_dump_json(exclude_none=True)}

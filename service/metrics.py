@@ -1,13 +1,43 @@
-"""Prometheus metrics. Names carry the ``snipserve_`` prefix, base units (seconds, bytes), and only
-low-cardinality labels (route templates, stage names, reasons; never ids or paths).
+"""Prometheus metrics. Names carry the ``snipserve_`` prefix, base units (seconds, bytes, ratios 0-1),
+and only low-cardinality labels (route templates, status codes, stage names, reasons, GPU index; never
+request ids, raw paths or client addresses).
 
 All metric objects live in one registry, ``REGISTRY``, so tests can read them and ``/metrics`` serves
-exactly this set.
+exactly this set (``service.observability`` mounts the route and drives ``REQUESTS``/``REQUEST_LATENCY``).
+
+Process model: **one uvicorn worker per process, one process per GPU.** The dynamic batcher only fills
+batches if every request of a GPU shares one queue, so several workers on one GPU would split batches and
+load the engine several times. Scale out with more containers/processes (one per GPU) behind a load
+balancer; Prometheus scrapes each as its own target and dashboards ``sum`` across instances. Because
+each process owns all its metrics, plain in-process collection is exact and prometheus-client's
+multiprocess mode is not used; ``check_single_process`` refuses configurations that would need it.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from importlib import metadata
+from typing import Any
+
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Without this every counter and histogram also exports a `<name>_created` gauge series (the 0.0.4 text
+# format has no metadata slot for it), doubling series for a value no panel or alert uses.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -18,7 +48,10 @@ STAGES = ("decode", "plan", "crop", "queue_wait", "infer", "postprocess", "merge
 REJECT_REASONS = ("queue_full", "deadline", "too_large", "bad_image", "unauthorized", "invalid_options")
 
 REQUESTS = Counter(
-    "snipserve_requests", "HTTP requests by route template and status code.", ["route", "status"], registry=REGISTRY
+    "snipserve_requests",
+    "HTTP requests by route template and status code.",
+    ["route", "status"],
+    registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(
     "snipserve_request_duration_seconds",
@@ -29,7 +62,7 @@ REQUEST_LATENCY = Histogram(
 )
 STAGE_DURATION = Histogram(
     "snipserve_stage_duration_seconds",
-    "Time spent per pipeline stage (per request; infer and queue_wait per chip batch as seen by the request).",
+    "Time spent per pipeline stage per request (queue_wait and infer: per chip batch as the request saw it).",
     ["stage"],
     buckets=STAGE_BUCKETS,
     registry=REGISTRY,
@@ -53,12 +86,14 @@ CHIPS_PER_REQUEST = Histogram(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge("snipserve_queue_depth_chips", "Chips waiting for an engine call.", registry=REGISTRY)
-QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)
-IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
-REJECTIONS = Counter(
-    "snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY
+QUEUE_CAPACITY = Gauge(
+    "snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY
 )
-ENGINE_ERRORS = Counter("snipserve_engine_errors", "Engine calls that raised or timed out.", registry=REGISTRY)
+IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
+REJECTIONS = Counter("snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY)
+ENGINE_ERRORS = Counter(
+    "snipserve_engine_errors", "Engine calls that raised or timed out.", registry=REGISTRY
+)
 DETECTIONS_PER_IMAGE = Histogram(
     "snipserve_detections_per_image",
     "Detections returned per image.",
@@ -74,11 +109,22 @@ INPUT_MEGAPIXELS = Histogram(
 CHIPS = Counter("snipserve_chips", "Chips run through the engine.", registry=REGISTRY)
 READY = Gauge("snipserve_ready", "1 when the service is warmed up and accepting work.", registry=REGISTRY)
 MODEL_INFO = Info("snipserve_model", "Loaded model and engine.", registry=REGISTRY)
+BUILD_INFO = Info("snipserve_build", "snipserve package version of this process.", registry=REGISTRY)
 
 for _stage in STAGES:
     STAGE_DURATION.labels(stage=_stage)
 for _reason in REJECT_REASONS:
     REJECTIONS.labels(reason=_reason)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("snipserve")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+BUILD_INFO.info({"version": _package_version()})
 
 
 def observe_stages(timings: dict[str, float]) -> None:
@@ -89,4 +135,118 @@ def observe_stages(timings: dict[str, float]) -> None:
 
 
 def set_model_info(*, model: str, engine: str, providers: str, precision: str) -> None:
+    """Publish ``snipserve_model_info{model, engine, providers, precision} 1`` (replaces the previous set)."""
     MODEL_INFO.info({"model": model, "engine": engine, "providers": providers, "precision": precision})
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilisation from NVML, read at scrape time.
+
+    ``pynvml`` (package ``nvidia-ml-py``, in the ``gpu`` extra) is imported on the first scrape and only
+    there, so CPU installs never need it. Without it, or without a driver/GPU, the families are still
+    described (so dashboards and rules name metrics that exist) and ``snipserve_gpu_devices`` reads 0.
+    NVML sees every GPU the container was given, regardless of ``CUDA_VISIBLE_DEVICES``; the ``gpu``
+    label is NVML's device index.
+    """
+
+    def __init__(self, nvml_loader: Any = None) -> None:
+        self._load = nvml_loader if nvml_loader is not None else _import_nvml
+        self._lock = threading.Lock()
+        self._initialised = False
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+
+    def _devices(self) -> tuple[Any, list[Any]]:
+        with self._lock:
+            if not self._initialised:
+                self._initialised = True  # one attempt per process: a missing driver stays missing
+                try:
+                    nvml = self._load()
+                    if nvml is not None:
+                        nvml.nvmlInit()
+                        count = int(nvml.nvmlDeviceGetCount())
+                        self._handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+                        self._nvml = nvml
+                except Exception:  # NVMLError (no driver, no device) or a broken install: report 0 GPUs
+                    self._nvml, self._handles = None, []
+            return self._nvml, self._handles
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "snipserve_gpu_devices", "NVIDIA GPUs visible through NVML (0 without a GPU or nvidia-ml-py)."
+            ),
+            GaugeMetricFamily(
+                "snipserve_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["gpu"]
+            ),
+            GaugeMetricFamily("snipserve_gpu_memory_total_bytes", "GPU memory installed.", labels=["gpu"]),
+            GaugeMetricFamily(
+                "snipserve_gpu_utilization_ratio",
+                "Fraction of the driver's last sample period (1/6 s to 1 s) in which a kernel ran, 0-1.",
+                labels=["gpu"],
+            ),
+        )
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Names only: keeps registration from touching NVML.
+        return self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        devices, used, total, util = self._families()
+        nvml, handles = self._devices()
+        devices.add_metric([], float(len(handles)))
+        for index, handle in enumerate(handles):
+            label = [str(index)]
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                used.add_metric(label, float(memory.used))
+                total.add_metric(label, float(memory.total))
+            except Exception:  # NVML_ERROR_NOT_SUPPORTED / GPU_IS_LOST: leave the series out this scrape
+                pass
+            with contextlib.suppress(Exception):  # e.g. MIG instances do not report utilisation
+                util.add_metric(label, float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0)
+        yield from (devices, used, total, util)
+
+
+def _import_nvml() -> Any:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
+
+
+GPU_COLLECTOR = GpuCollector()
+REGISTRY.register(GPU_COLLECTOR)
+# process_* (CPU seconds, resident memory, open fds, start time) and python_info, for this process.
+REGISTRY.register(PROCESS_COLLECTOR)
+REGISTRY.register(PLATFORM_COLLECTOR)
+
+
+def check_single_process(workers: int = 1) -> None:
+    """Refuse configurations whose metrics (and batching) would be silently wrong.
+
+    Raises ``ValueError`` when more than one worker is requested (``workers`` or uvicorn's
+    ``WEB_CONCURRENCY``) or when ``PROMETHEUS_MULTIPROC_DIR`` is set: this service runs one worker per
+    GPU (see the module docstring) and does not aggregate metrics across processes.
+    """
+    env_workers = os.environ.get("WEB_CONCURRENCY", "").strip()
+    requested = [("workers", workers)]
+    if env_workers:
+        try:
+            requested.append(("WEB_CONCURRENCY", int(env_workers)))
+        except ValueError:
+            raise ValueError(f"WEB_CONCURRENCY={env_workers!r} is not an integer") from None
+    for source, count in requested:
+        if count != 1:
+            raise ValueError(
+                f"{source}={count}: snipserve runs exactly one worker per process (one process per GPU) "
+                "so that one batcher fills each GPU's batches and /metrics is exact; "
+                "run more containers instead"
+            )
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        raise ValueError(
+            "PROMETHEUS_MULTIPROC_DIR is set, but snipserve does not use prometheus-client multiprocess mode "
+            "(one worker per process); unset it"
+        )

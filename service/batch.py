@@ -1,0 +1,284 @@
+"""Dynamic batcher: chips of all in-flight requests share engine calls.
+
+One asyncio loop, one queue of requests (FIFO by chip), one wake-up event. A batch closes at
+``max_batch`` chips or ``max_delay`` after its first chip was queued. Up to ``pipeline_depth`` batches
+are in flight: while one runs on the engine thread, the next is cropped into its own buffer on a
+worker thread, so CPU pre/post-processing overlaps inference. Admission is all-or-nothing per request
+against a bounded chip queue (``QueueFull`` -> 503 + Retry-After); cancelled requests and requests past
+their deadline have their queued chips dropped before inference; an engine failure fails only the
+requests with chips in that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from service import metrics
+from service.adapters import Adapter, ChipDetections
+from service.crop import Normalizer, write_chip
+from service.engine import Engine
+from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
+from service.plan import ChipPlan
+
+log = logging.getLogger("snipserve.batch")
+
+
+class BatcherConfig(BaseModel):
+    """Dynamic batching and admission control."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
+    max_delay_ms: float = Field(default=5.0, ge=0, le=10_000, description="Wait this long after a batch's first chip for more.")
+    queue_capacity: int = Field(default=4096, ge=1, description="Chips queued at most; beyond it requests get 503.")
+    pipeline_depth: int = Field(default=2, ge=1, le=8, description="Batches in flight (crop of the next overlaps inference).")
+    infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
+
+
+@dataclass(eq=False)
+class ChipWork:
+    """One request's chips in the queue. Results accumulate per batch until every chip is done."""
+
+    plan: ChipPlan
+    level_images: list[np.ndarray]
+    threshold: float
+    future: asyncio.Future[ChipDetections]
+    deadline: float = math.inf  # time.monotonic()
+    enqueued: float = field(default_factory=time.monotonic)
+    cursor: int = 0  # next chip to hand to a batch
+    done: int = 0  # chips with results
+    parts: list[ChipDetections] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: {"queue_wait": 0.0, "crop": 0.0, "infer": 0.0})
+    started: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.plan.num_chips - self.cursor
+
+    @property
+    def dropped(self) -> bool:
+        return self.future.done()
+
+
+@dataclass
+class _Slice:
+    work: ChipWork
+    start: int  # first chip index of the request in this batch
+    stop: int
+    row: int  # first row in the batch buffer
+
+
+class Batcher:
+    """See the module docstring. Use ``await start()`` / ``await stop()``; ``await submit(...)``."""
+
+    def __init__(self, engine: Engine, adapter: Adapter, normalizer: Normalizer, config: BatcherConfig) -> None:
+        self.engine = engine
+        self.adapter = adapter
+        self.norm = normalizer
+        self.config = config
+        self.max_batch = min(config.max_batch, engine.max_batch)
+        c = engine.card.input_size
+        self._buffers = [np.empty((self.max_batch, 3, c, c), np.float32) for _ in range(config.pipeline_depth)]
+        self._queue: collections.deque[ChipWork] = collections.deque()
+        self._pending = 0  # chips queued, not yet in a batch
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.pipeline_depth)
+        self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="snipserve-engine")
+        self._prep_pool = ThreadPoolExecutor(config.pipeline_depth, thread_name_prefix="snipserve-prep")
+        self._loop_task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._chips_per_s = 0.0  # moving estimate for Retry-After
+        metrics.QUEUE_CAPACITY.set(config.queue_capacity)
+        metrics.QUEUE_DEPTH.set(0)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="snipserve-batcher")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, finish what was accepted (up to ``timeout``), then stop threads."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._batches) and time.monotonic() < deadline:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for work in self._queue:
+            if not work.future.done():
+                work.future.set_exception(NotReady("the service is shutting down"))
+        self._queue.clear()
+        self._engine_pool.shutdown(wait=False, cancel_futures=True)
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    # ---- admission -------------------------------------------------------------------------
+    async def submit(self, plan: ChipPlan, level_images: list[np.ndarray], threshold: float, deadline: float = math.inf) -> ChipWork:
+        """Queue a request's chips; returns its :class:`ChipWork` (await ``work.future``).
+
+        Raises ``QueueFull`` if the chips do not fit, ``NotReady`` while shutting down."""
+        if self._closing:
+            raise NotReady("the service is shutting down")
+        n = plan.num_chips
+        if self._pending + n > self.config.queue_capacity:
+            retry = max(1, math.ceil((self._pending + n) / max(self._chips_per_s, 1.0)))
+            raise QueueFull(
+                f"queue full: {self._pending} chips queued, this image needs {n}, capacity {self.config.queue_capacity}",
+                headers={"Retry-After": str(retry)},
+            )
+        fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
+        work = ChipWork(plan=plan, level_images=level_images, threshold=threshold, future=fut, deadline=deadline)
+        self._queue.append(work)
+        self._pending += n
+        metrics.QUEUE_DEPTH.set(self._pending)
+        self._wakeup.set()
+        return work
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _drop_dead(self) -> None:
+        """Remove cancelled or expired requests from the queue, releasing their chips."""
+        now = time.monotonic()
+        kept: collections.deque[ChipWork] = collections.deque()
+        for work in self._queue:
+            if not work.dropped and now >= work.deadline:
+                work.future.set_exception(DeadlineExceeded("deadline passed while queued; chips dropped before inference"))
+                metrics.REJECTIONS.labels(reason="deadline").inc()
+            if work.dropped:
+                self._pending -= work.remaining
+                continue
+            kept.append(work)
+        self._queue = kept
+        metrics.QUEUE_DEPTH.set(self._pending)
+
+    def _take_batch(self) -> list[_Slice]:
+        slices: list[_Slice] = []
+        rows = 0
+        while self._queue and rows < self.max_batch:
+            work = self._queue[0]
+            take = min(work.remaining, self.max_batch - rows)
+            slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
+            work.cursor += take
+            rows += take
+            if work.started is None:
+                work.started = time.monotonic()
+                work.timings["queue_wait"] = work.started - work.enqueued
+            if work.remaining == 0:
+                self._queue.popleft()
+        self._pending -= rows
+        metrics.QUEUE_DEPTH.set(self._pending)
+        return slices
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Wait out the batching window, measured from the oldest queued chip's arrival.
+            window_end = self._queue[0].enqueued + self.config.max_delay_ms / 1000
+            while self._pending < self.max_batch and (now := time.monotonic()) < window_end and not self._closing:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), window_end - now)
+                except TimeoutError:
+                    break
+            await self._slots.acquire()
+            self._drop_dead()
+            slices = self._take_batch()
+            if not slices:
+                self._slots.release()
+                continue
+            buffer = self._buffers.pop()
+            task = asyncio.create_task(self._run_batch(slices, buffer))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, slices: list[_Slice], buffer: np.ndarray) -> None:
+        loop = asyncio.get_running_loop()
+        rows = sum(s.stop - s.start for s in slices)
+        try:
+            t0 = time.perf_counter()
+            thresholds = await loop.run_in_executor(self._prep_pool, self._fill, slices, buffer)
+            t1 = time.perf_counter()
+            outputs = await asyncio.wait_for(
+                loop.run_in_executor(self._engine_pool, self.engine.infer, buffer[:rows]),
+                self.config.infer_timeout_s,
+            )
+            t2 = time.perf_counter()
+            dets = await loop.run_in_executor(self._prep_pool, self.adapter, outputs, self.engine.card, thresholds)
+        except Exception as exc:  # noqa: BLE001 - any engine failure must fail only this batch
+            metrics.ENGINE_ERRORS.inc()
+            if isinstance(exc, TimeoutError):
+                # The hung call still holds the engine thread and reads this buffer: abandon both.
+                self._engine_pool.shutdown(wait=False)
+                self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="snipserve-engine")
+                buffer = np.empty_like(buffer)
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {type(exc).__name__}: {exc}"
+            log.error("engine call on %d chips %s", rows, reason)
+            err = EngineError(f"inference {reason}")
+            for s in slices:
+                if not s.work.future.done():
+                    s.work.future.set_exception(err)
+            return
+        finally:
+            self._buffers.append(buffer)
+            self._slots.release()
+            self._wakeup.set()
+        self._account(rows, t1 - t0, t2 - t1)
+        self._distribute(slices, dets, t1 - t0, t2 - t1)
+
+    def _fill(self, slices: list[_Slice], buffer: np.ndarray) -> np.ndarray:
+        """Crop every chip of the batch into ``buffer`` (worker thread); per-row score thresholds."""
+        thresholds = np.empty(sum(s.stop - s.start for s in slices), np.float32)
+        for s in slices:
+            chips = s.work.plan.chips
+            for k in range(s.start, s.stop):
+                level, x0, y0 = chips[k]
+                write_chip(buffer[s.row + k - s.start], s.work.level_images[level], int(x0), int(y0), self.norm)
+            thresholds[s.row : s.row + s.stop - s.start] = s.work.threshold
+        return thresholds
+
+    def _account(self, rows: int, crop_s: float, infer_s: float) -> None:
+        metrics.BATCH_SIZE.observe(rows)
+        metrics.BATCH_FILL.observe(rows / self.max_batch)
+        metrics.CHIPS.inc(rows)
+        rate = rows / max(crop_s + infer_s, 1e-6)
+        self._chips_per_s = rate if self._chips_per_s == 0 else 0.9 * self._chips_per_s + 0.1 * rate
+
+    def _distribute(self, slices: list[_Slice], dets: ChipDetections, crop_s: float, infer_s: float) -> None:
+        for s in slices:
+            work = s.work
+            n = s.stop - s.start
+            if work.future.done():
+                continue
+            rows = (dets.chip >= s.row) & (dets.chip < s.row + n)
+            part = dets.select(rows)
+            # batch rows -> the request's own chip indices
+            work.parts.append(ChipDetections(part.chip - s.row + s.start, part.boxes, part.scores, part.classes))
+            work.timings["crop"] += crop_s * n / max(1, sum(x.stop - x.start for x in slices))
+            work.timings["infer"] += infer_s
+            work.done += n
+            if work.done == work.plan.num_chips:
+                parts = work.parts
+                work.future.set_result(
+                    ChipDetections(
+                        np.concatenate([p.chip for p in parts]),
+                        np.concatenate([p.boxes for p in parts]),
+                        np.concatenate([p.scores for p in parts]),
+                        np.concatenate([p.classes for p in parts]),
+                    )
+                )

@@ -1,0 +1,193 @@
+"""The pipeline, in-process: decode -> plan -> crop -> infer -> adapt -> postprocess -> merge.
+
+``Pipeline.detect`` runs it synchronously (CLI, evaluation, benchmarks); ``Pipeline.detect_async``
+runs the same stages with inference through the shared dynamic :class:`~service.batch.Batcher`
+(the HTTP service). Both call the same stage functions, so results are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service import metrics
+from service.adapters import Adapter, ChipDetections, get_adapter
+from service.batch import Batcher
+from service.crop import Normalizer, crop_plan, resize_levels
+from service.engine import Engine, EngineConfig, create_engine
+from service.errors import InvalidOptions
+from service.modelcard import ModelCard
+from service.options import DetectOptions
+from service.plan import ChipPlan, LevelSpec, PlanConfig, PlanError, levels_for_object_range, plan
+from service.postprocess import Detections, merge, postprocess
+
+
+@dataclass
+class Result:
+    """One image's detections (original pixels) with its plan and per-stage seconds."""
+
+    image_size: tuple[int, int]  # (width, height)
+    detections: Detections
+    plan: ChipPlan
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_chips(self) -> int:
+        return self.plan.num_chips
+
+    # Shorthands used by evaluation code.
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.detections.boxes
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.detections.scores
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.detections.classes
+
+    @property
+    def levels(self) -> np.ndarray:
+        return self.detections.levels
+
+
+@dataclass
+class Prepared:
+    """A planned, resized image waiting for inference."""
+
+    plan: ChipPlan
+    level_images: list[np.ndarray]
+    threshold: float
+    timings: dict[str, float]
+
+
+class Pipeline:
+    """Stages bound to one engine and its model card. Thread-safe: holds no per-request state."""
+
+    def __init__(self, engine: Engine, max_chips: int = 4096, edge_margin: float = 2.0) -> None:
+        self.engine = engine
+        self.card: ModelCard = engine.card
+        self.norm = Normalizer.from_card(self.card)
+        self.adapter: Adapter = get_adapter(self.card)
+        self.max_chips = max_chips
+        self.edge_margin = edge_margin
+
+    @classmethod
+    def load(cls, model_path: str | Path | None, engine: EngineConfig | None = None, **kwargs: float) -> Pipeline:
+        """Load a model (ONNX Runtime on the CPU unless ``engine`` says otherwise)."""
+        cfg = engine or EngineConfig()
+        return cls(create_engine(Path(model_path) if model_path is not None else None, cfg), **kwargs)  # type: ignore[arg-type]
+
+    # ---- stages ----------------------------------------------------------------------------
+    def levels_for(self, options: DetectOptions) -> tuple[LevelSpec, ...]:
+        """The level specs an options object asks for: explicit, from an object size range, or a preset."""
+        if options.levels is not None:
+            return options.levels
+        if options.min_object_size is not None or options.max_object_size is not None:
+            lo = options.min_object_size or 1.0
+            hi = options.max_object_size or 1e5
+            if lo >= hi:
+                raise InvalidOptions(f"min_object_size {lo} must be below max_object_size {hi}")
+            return levels_for_object_range(lo, hi, self.card.sweet_spot)
+        try:
+            return self.card.levels_preset(options.preset)
+        except KeyError:
+            raise InvalidOptions(
+                f"unknown levels preset {options.preset!r}; this model has {self.card.preset_names}"
+            ) from None
+
+    def plan_config(self, options: DetectOptions) -> PlanConfig:
+        return PlanConfig(
+            chip_size=self.card.input_size,
+            levels=self.levels_for(options),
+            sweet_spot=self.card.sweet_spot,
+            edge_margin=self.edge_margin,
+            max_chips=self.max_chips,
+        )
+
+    def threshold(self, options: DetectOptions) -> float:
+        return self.card.score_threshold if options.score_threshold is None else options.score_threshold
+
+    def check_classes(self, options: DetectOptions) -> None:
+        if options.classes is not None:
+            bad = [c for c in options.classes if not 0 <= c < len(self.card.classes)]
+            if bad:
+                raise InvalidOptions(f"unknown class ids {bad}; this model has ids 0..{len(self.card.classes) - 1}")
+
+    def prepare(self, image: np.ndarray, options: DetectOptions) -> Prepared:
+        """Plan and resize: ``image`` is ``uint8 [H, W, 3]`` RGB."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InvalidOptions(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        self.check_classes(options)
+        t0 = time.perf_counter()
+        try:
+            chip_plan = plan((image.shape[1], image.shape[0]), self.plan_config(options))
+        except (PlanError, ValueError) as exc:
+            raise InvalidOptions(str(exc)) from exc
+        t1 = time.perf_counter()
+        level_images = resize_levels(image, chip_plan)
+        t2 = time.perf_counter()
+        return Prepared(chip_plan, level_images, self.threshold(options), {"plan": t1 - t0, "crop": t2 - t1})
+
+    def infer_chips(self, prepared: Prepared) -> ChipDetections:
+        """Crop and run every chip of ``prepared`` in engine-sized batches (the synchronous path)."""
+        chip_plan = prepared.plan
+        c, b = chip_plan.chip_size, self.engine.max_batch
+        buffer = np.empty((min(b, chip_plan.num_chips), 3, c, c), np.float32)
+        parts: list[ChipDetections] = []
+        crop_s = infer_s = 0.0
+        for start in range(0, chip_plan.num_chips, b):
+            sub = ChipPlan(chip_plan.image_size, c, chip_plan.levels, chip_plan.chips[start : start + b], chip_plan.edge_margin)
+            t0 = time.perf_counter()
+            batch = crop_plan(prepared.level_images, sub, self.norm, out=buffer[: sub.num_chips])
+            t1 = time.perf_counter()
+            outputs = self.engine.infer(batch)
+            t2 = time.perf_counter()
+            thresholds = np.full(sub.num_chips, prepared.threshold, np.float32)
+            d = self.adapter(outputs, self.card, thresholds)
+            parts.append(ChipDetections(d.chip + start, d.boxes, d.scores, d.classes))
+            crop_s, infer_s = crop_s + t1 - t0, infer_s + t2 - t1
+        prepared.timings["crop"] += crop_s
+        prepared.timings["infer"] = infer_s
+        if not parts:
+            return ChipDetections.empty()
+        return ChipDetections(*(np.concatenate(x) for x in zip(*((p.chip, p.boxes, p.scores, p.classes) for p in parts), strict=True)))
+
+    def finish(self, prepared: Prepared, chip_dets: ChipDetections, options: DetectOptions) -> Result:
+        """Postprocess and merge one image's chip detections."""
+        t0 = time.perf_counter()
+        dets = postprocess(chip_dets, prepared.plan, edge_filter=options.edge_filter, classes=options.classes)
+        t1 = time.perf_counter()
+        merged = merge(dets, options.merge, prepared.threshold, options.max_detections)
+        t2 = time.perf_counter()
+        prepared.timings |= {"postprocess": t1 - t0, "merge": t2 - t1}
+        return Result(prepared.plan.image_size, merged, prepared.plan, prepared.timings)
+
+    # ---- whole pipeline --------------------------------------------------------------------
+    def detect(self, image: np.ndarray, options: DetectOptions | None = None) -> Result:
+        """Detect objects in ``image`` (``uint8 [H, W, 3]`` RGB), synchronously, in this thread."""
+        options = options or DetectOptions()
+        prepared = self.prepare(image, options)
+        return self.finish(prepared, self.infer_chips(prepared), options)
+
+    async def detect_async(
+        self, image: np.ndarray, options: DetectOptions, batcher: Batcher, deadline: float = math.inf
+    ) -> Result:
+        """Same as :meth:`detect`, with inference through the shared ``batcher``."""
+        loop = asyncio.get_running_loop()
+        # Resizing and merging are CPU work on large arrays: keep them off the event loop.
+        prepared = await loop.run_in_executor(None, self.prepare, image, options)
+        metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
+        work = await batcher.submit(prepared.plan, prepared.level_images, prepared.threshold, deadline)
+        chip_dets = await work.future
+        prepared.timings["crop"] += work.timings["crop"]
+        prepared.timings["queue_wait"] = work.timings["queue_wait"]
+        prepared.timings["infer"] = work.timings["infer"]
+        return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)

@@ -1,0 +1,95 @@
+"""Settings from the environment (prefix ``SNIPSERVE_``), behind a cached :func:`get_settings`.
+
+Each component gets only its own config object (``engine_config()``, ``batcher_config()``, ...).
+Never built at import time; tests build ``Settings(...)`` directly or clear the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.batch import BatcherConfig
+from service.decode import DecodeConfig
+from service.engine import EngineConfig, Provider
+
+
+def default_model_path() -> Path:
+    """The shipped default detector, ``models/snipserve_default.onnx`` (found via the ``models`` package)."""
+    spec = importlib.util.find_spec("models")
+    base = Path(spec.origin).parent if spec is not None and spec.origin else Path(__file__).resolve().parents[1] / "models"
+    return base / "snipserve_default.onnx"
+
+
+class Settings(BaseSettings):
+    """Every setting, its environment variable (``SNIPSERVE_<NAME>``), default and meaning."""
+
+    model_config = SettingsConfigDict(env_prefix="SNIPSERVE_", frozen=True, extra="ignore")
+
+    # model and engine
+    model_path: Path = Field(default_factory=default_model_path, description="ONNX model to serve.")
+    engine: Literal["onnxruntime", "tensorrt", "fake"] = Field(default="onnxruntime", description="Engine backend.")
+    providers: Annotated[tuple[Provider, ...], NoDecode] = Field(default=("cpu",), description="ONNX Runtime providers, priority order (comma list).")
+    allow_cpu_fallback: bool = Field(default=False, description="Accept CPU when a requested GPU provider is unavailable.")
+    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
+    inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
+    fp16: bool = Field(default=False, description="FP16 where the engine supports it (TensorRT).")
+    # batching and admission
+    max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
+    max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")
+    queue_capacity: int = Field(default=4096, ge=1, description="Queued chips at most; beyond it 503 + Retry-After.")
+    pipeline_depth: int = Field(default=2, ge=1, le=8, description="Engine batches in flight (crop overlaps inference).")
+    infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
+    max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
+    request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")
+    # input limits
+    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="Largest accepted upload in bytes (413).")
+    max_image_pixels: int = Field(default=64_000_000, ge=1, description="Largest accepted image in pixels (413).")
+    max_chips: int = Field(default=4096, ge=1, description="Largest chip plan for one image (422).")
+    # server
+    host: str = Field(default="127.0.0.1", description="Bind address for `snipserve serve`.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port for `snipserve serve`.")
+    warmup: bool = Field(default=True, description="Run warm-up batches before reporting ready.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    log_json: bool = Field(default=False, description="Structured JSON logs.")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(p.strip().lower() for p in v.split(",") if p.strip())
+        return v
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            kind=self.engine,
+            providers=self.providers,
+            allow_cpu_fallback=self.allow_cpu_fallback,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            max_batch=self.max_batch,
+            fp16=self.fp16,
+        )
+
+    def batcher_config(self) -> BatcherConfig:
+        return BatcherConfig(
+            max_batch=self.max_batch,
+            max_delay_ms=self.max_delay_ms,
+            queue_capacity=max(self.queue_capacity, 1),
+            pipeline_depth=self.pipeline_depth,
+            infer_timeout_s=self.infer_timeout_s,
+        )
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once; ``get_settings.cache_clear()`` re-reads."""
+    return Settings()

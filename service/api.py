@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Annotated, Any
 
 import numpy as np
@@ -329,39 +329,12 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         timeout: Annotated[float | None, Query(gt=0, description="Deadline in seconds (at most the server's).")] = None,
     ) -> Response:
         t0 = time.perf_counter()
-        pipeline, batcher = _pipeline(state), _batcher(state)
-        if state.in_flight >= settings.max_in_flight:
-            raise QueueFull(
-                f"{state.in_flight} requests in flight, the limit is {settings.max_in_flight} (SNIPSERVE_MAX_IN_FLIGHT)",
-                headers={"Retry-After": "1"},
-            )
-        state.in_flight += 1
-        metrics.IN_FLIGHT.set(state.in_flight)
-        try:
+        pipeline = _pipeline(state)
+        with in_flight(state):
             data, params = await read_image_and_params(request, settings.max_image_bytes)
             options = parse_options(params, pipeline)
-            budget = min(timeout or math.inf, settings.request_timeout_s)
-            deadline = time.monotonic() + budget
-
-            async def run() -> tuple[np.ndarray, Result, float]:
-                t = time.perf_counter()
-                image = await run_in_threadpool(decode_image, data, settings.decode_config())
-                decode_s = time.perf_counter() - t
-                metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
-                result = await pipeline.detect_async(image, options, batcher, deadline)
-                return image, result, decode_s
-
-            try:
-                image, result, decode_s = await asyncio.wait_for(cancel_on_disconnect(request, run()), budget)
-            except TimeoutError:
-                raise DeadlineExceeded(f"request did not finish within its deadline of {budget:g} s") from None
-        finally:
-            state.in_flight -= 1
-            metrics.IN_FLIGHT.set(state.in_flight)
-        result.timings["decode"] = decode_s
+            image, result = await run_detection(state, data, options, timeout, request)
         result.timings["total"] = time.perf_counter() - t0
-        metrics.observe_stages(result.timings)
-        metrics.DETECTIONS_PER_IMAGE.observe(len(result.detections))
         if format == "coco":
             return JSONResponse(coco_results(result, image_id=params.get("image_id", 0)))
         if format == "jpeg":
@@ -373,6 +346,66 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
     observability.instrument(app, settings)
     return app
+
+
+@contextlib.contextmanager
+def in_flight(state: State) -> Iterator[None]:
+    """Count a detection request in flight; refuse (503) past ``max_in_flight``."""
+    limit = state.settings.max_in_flight
+    if state.in_flight >= limit:
+        raise QueueFull(
+            f"{state.in_flight} requests in flight, the limit is {limit} (SNIPSERVE_MAX_IN_FLIGHT)",
+            headers={"Retry-After": "1"},
+        )
+    state.in_flight += 1
+    metrics.IN_FLIGHT.set(state.in_flight)
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+        metrics.IN_FLIGHT.set(state.in_flight)
+
+
+async def run_detection(
+    state: State,
+    data: bytes,
+    options: DetectOptions,
+    timeout: float | None = None,
+    request: Request | None = None,
+) -> tuple[np.ndarray, Result]:
+    """Decode ``data`` and detect, through the shared batcher, within the request's deadline.
+
+    The shared entry point of every route (``/v1/detect``, batch, stream). With ``request``, a client
+    disconnect cancels the work and drops its queued chips. Records stage metrics.
+    """
+    settings = state.settings
+    pipeline, batcher = _pipeline(state), _batcher(state)
+    budget = min(timeout or math.inf, settings.request_timeout_s)
+    deadline = time.monotonic() + budget
+
+    async def run() -> tuple[np.ndarray, Result]:
+        t = time.perf_counter()
+        image = await run_in_threadpool(decode_image, data, settings.decode_config())
+        decode_s = time.perf_counter() - t
+        metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
+        result = await pipeline.detect_async(image, options, batcher, deadline)
+        result.timings["decode"] = decode_s
+        return image, result
+
+    work = run() if request is None else cancel_on_disconnect(request, run())
+    try:
+        image, result = await asyncio.wait_for(work, budget)
+    except TimeoutError:
+        raise DeadlineExceeded(f"request did not finish within its deadline of {budget:g} s") from None
+    metrics.observe_stages(result.timings)
+    metrics.DETECTIONS_PER_IMAGE.observe(len(result.detections))
+    return image, result
+
+
+def get_state(request: Request) -> State:
+    """The app's :class:`State` (for routers defined in other modules)."""
+    state: State = request.app.state.snipserve
+    return state
 
 
 def _engine(state: State) -> Engine:

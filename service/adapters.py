@@ -93,7 +93,8 @@ def decode_yolov8(outputs: Sequence[np.ndarray], card: ModelCard, thresholds: np
     # Class-aware per-chip NMS in one call: shift each (chip, class) group to its own region.
     group = b.astype(np.int64) * k + classes
     offset = (group * (4.0 * card.input_size)).astype(np.float64)[:, None]
-    keep, _ = soft_nms(boxes + offset, scores, "hard", iou_threshold=card.pre_nms_iou, score_threshold=0.0)
+    # Any positive threshold drops suppressed boxes (hard decay sets their score to exactly 0).
+    keep, _ = soft_nms(boxes + offset, scores, "hard", iou_threshold=card.pre_nms_iou, score_threshold=1e-12)
     keep = keep[_cap_per_chip(b[keep], scores[keep], card.max_per_chip)]
     return ChipDetections(b[keep].astype(np.int32), boxes[keep], scores[keep], classes[keep])
 

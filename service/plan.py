@@ -237,12 +237,13 @@ def levels_for_object_range(
     while True:
         s = max(s, min_scale)
         band_lo, band_hi = lo_c / s, hi_c / s
-        specs.append(LevelSpec(scale=round(s, 6), valid=(max(band_lo, min_size) if specs else min_size, min(band_hi, max_size))))
-        if band_hi >= max_size or s <= min_scale:
-            break
+        last = band_hi >= max_size or s <= min_scale
+        lo = min_size if not specs else max(band_lo, min_size)
+        # The coarsest level keeps everything up to max_size (SNIP opens the coarsest level's top).
+        specs.append(LevelSpec(scale=round(s, 6), valid=(lo, max_size if last else band_hi)))
+        if last:
+            return tuple(specs)
         s /= step
-    # The first band starts at min_size exactly; every later band starts where the previous overlaps it.
-    return tuple(specs)
 
 
 def valid_mask(boxes: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service import metrics
-from service.batch import Batcher
+from service.batch import Batcher, Priority
 from service.decode import decode_image
 from service.engine import Engine, create_engine, warm_up
 from service.errors import (
@@ -70,6 +70,7 @@ class State:
         self.pipeline: Pipeline | None = None
         self.batcher: Batcher | None = None
         self.ready = False
+        self.draining = False  # SIGTERM received: readiness 503, new requests refused, in-flight ones finish
         self.in_flight = 0
 
 
@@ -147,14 +148,17 @@ async def read_image_and_params(request: Request, limit: int) -> tuple[bytes, di
             form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
         except Exception as exc:  # starlette raises MultiPartException / HTTPException on malformed bodies
             raise BadImage(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise BadImage("multipart body has no file field named 'file'")
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise ImageTooLarge(f"uploaded file exceeds the limit of {limit} bytes (SNIPSERVE_MAX_IMAGE_BYTES)")
-        params |= {k: v for k, v in form.items() if isinstance(v, str)}
-        return data, params
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise BadImage("multipart body has no file field named 'file'")
+            data = await upload.read(limit + 1)
+            if len(data) > limit:
+                raise ImageTooLarge(f"uploaded file exceeds the limit of {limit} bytes (SNIPSERVE_MAX_IMAGE_BYTES)")
+            params |= {k: v for k, v in form.items() if isinstance(v, str)}
+            return data, params
+        finally:
+            await form.close()  # spooled temporary files
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return await read_limited(request, limit), params
     raise UnsupportedMediaType(
@@ -242,8 +246,8 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
     @app.get("/readyz", tags=["health"], summary="Readiness: model loaded and warmed up.")
     async def readyz() -> JSONResponse:
-        if not state.ready:
-            return JSONResponse({"status": "not ready"}, status_code=503)
+        if not state.ready or state.draining:
+            return JSONResponse({"status": "draining" if state.draining else "not ready"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     @app.get("/v1/models", tags=["models"], summary="The served model's card and engine.")
@@ -342,8 +346,15 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
             return Response(jpeg, media_type="image/jpeg")
         return JSONResponse(detection_response(result, pipeline.card))
 
-    from service import observability
+    from service.stream import stream_router
+    from service.web import web_router
 
+    app.include_router(stream_router())
+    app.include_router(web_router())
+
+    from service import observability, security
+
+    security.install(app, settings.api_key, settings.cors_origins)  # before instrument: it stays outermost
     observability.instrument(app, settings)
     return app
 
@@ -352,6 +363,8 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 def in_flight(state: State) -> Iterator[None]:
     """Count a detection request in flight; refuse (503) past ``max_in_flight``."""
     limit = state.settings.max_in_flight
+    if state.draining:
+        raise NotReady("the service is shutting down; retry on another replica", headers={"Retry-After": "1"})
     if state.in_flight >= limit:
         raise QueueFull(
             f"{state.in_flight} requests in flight, the limit is {limit} (SNIPSERVE_MAX_IN_FLIGHT)",
@@ -372,11 +385,14 @@ async def run_detection(
     options: DetectOptions,
     timeout: float | None = None,
     request: Request | None = None,
+    priority: Priority = "interactive",
 ) -> tuple[np.ndarray, Result]:
     """Decode ``data`` and detect, through the shared batcher, within the request's deadline.
 
     The shared entry point of every route (``/v1/detect``, batch, stream). With ``request``, a client
-    disconnect cancels the work and drops its queued chips. Records stage metrics.
+    disconnect cancels the work and drops its queued chips. Records stage metrics. Streaming and batch
+    routes pass ``priority="bulk"``: their chips go to the batcher's bulk lane (own budget, served after
+    interactive chips), so they cannot starve ``/v1/detect``.
     """
     settings = state.settings
     pipeline, batcher = _pipeline(state), _batcher(state)
@@ -388,7 +404,7 @@ async def run_detection(
         image = await run_in_threadpool(decode_image, data, settings.decode_config())
         decode_s = time.perf_counter() - t
         metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
-        result = await pipeline.detect_async(image, options, batcher, deadline)
+        result = await pipeline.detect_async(image, options, batcher, deadline, priority)
         result.timings["decode"] = decode_s
         return image, result
 

@@ -7,6 +7,11 @@ worker thread, so CPU pre/post-processing overlaps inference. Admission is all-o
 against a bounded chip queue (``QueueFull`` -> 503 + Retry-After); cancelled requests and requests past
 their deadline have their queued chips dropped before inference; an engine failure fails only the
 requests with chips in that batch.
+
+Two priority lanes, each with its own chip budget: ``interactive`` (``/v1/detect``, the default) and
+``bulk`` (streaming and batch uploads). Batches are filled from the interactive lane first, so a
+streaming client can neither fill the interactive queue (separate budget) nor delay its chips
+(strict priority); bulk chips fill whatever rows interactive work leaves free.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +37,9 @@ from service.plan import ChipPlan
 
 log = logging.getLogger("snipserve.batch")
 
+Priority = Literal["interactive", "bulk"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "bulk")  # batch fill order
+
 
 class BatcherConfig(BaseModel):
     """Dynamic batching and admission control."""
@@ -40,6 +49,9 @@ class BatcherConfig(BaseModel):
     max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
     max_delay_ms: float = Field(default=5.0, ge=0, le=10_000, description="Wait this long after a batch's first chip for more.")
     queue_capacity: int = Field(default=4096, ge=1, description="Chips queued at most; beyond it requests get 503.")
+    bulk_queue_capacity: int = Field(
+        default=1024, ge=1, description="Chips queued at most in the bulk (streaming) lane, a budget apart."
+    )
     pipeline_depth: int = Field(default=2, ge=1, le=8, description="Batches in flight (crop of the next overlaps inference).")
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
 
@@ -88,8 +100,8 @@ class Batcher:
         self.max_batch = min(config.max_batch, engine.max_batch)
         c = engine.card.input_size
         self._buffers = [np.empty((self.max_batch, 3, c, c), np.float32) for _ in range(config.pipeline_depth)]
-        self._queue: collections.deque[ChipWork] = collections.deque()
-        self._pending = 0  # chips queued, not yet in a batch
+        self._lanes: dict[Priority, collections.deque[ChipWork]] = {p: collections.deque() for p in PRIORITIES}
+        self._lane_pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # chips queued per lane
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(config.pipeline_depth)
         self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="snipserve-engine")
@@ -109,41 +121,61 @@ class Batcher:
         """Refuse new work, finish what was accepted (up to ``timeout``), then stop threads."""
         self._closing = True
         deadline = time.monotonic() + timeout
-        while (self._queue or self._batches) and time.monotonic() < deadline:
+        while (self._queued() or self._batches) and time.monotonic() < deadline:
             self._wakeup.set()
             await asyncio.sleep(0.01)
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        for work in self._queue:
-            if not work.future.done():
-                work.future.set_exception(NotReady("the service is shutting down"))
-        self._queue.clear()
+        for lane in self._lanes.values():
+            for work in lane:
+                if not work.future.done():
+                    work.future.set_exception(NotReady("the service is shutting down"))
+            lane.clear()
         self._engine_pool.shutdown(wait=False, cancel_futures=True)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def queue_depth(self) -> int:
+        """Chips queued in all lanes, not yet in a batch."""
         return self._pending
 
-    # ---- admission -------------------------------------------------------------------------
-    async def submit(self, plan: ChipPlan, level_images: list[np.ndarray], threshold: float, deadline: float = math.inf) -> ChipWork:
-        """Queue a request's chips; returns its :class:`ChipWork` (await ``work.future``).
+    @property
+    def _pending(self) -> int:
+        return sum(self._lane_pending.values())
 
-        Raises ``QueueFull`` if the chips do not fit, ``NotReady`` while shutting down."""
+    def _queued(self) -> bool:
+        return any(self._lanes.values())
+
+    def _capacity(self, priority: Priority) -> int:
+        return self.config.queue_capacity if priority == "interactive" else self.config.bulk_queue_capacity
+
+    # ---- admission -------------------------------------------------------------------------
+    async def submit(
+        self,
+        plan: ChipPlan,
+        level_images: list[np.ndarray],
+        threshold: float,
+        deadline: float = math.inf,
+        priority: Priority = "interactive",
+    ) -> ChipWork:
+        """Queue a request's chips in the ``priority`` lane; returns its :class:`ChipWork` (await ``work.future``).
+
+        Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
         if self._closing:
             raise NotReady("the service is shutting down")
         n = plan.num_chips
-        if self._pending + n > self.config.queue_capacity:
+        queued, capacity = self._lane_pending[priority], self._capacity(priority)
+        if queued + n > capacity:
             retry = max(1, math.ceil((self._pending + n) / max(self._chips_per_s, 1.0)))
             raise QueueFull(
-                f"queue full: {self._pending} chips queued, this image needs {n}, capacity {self.config.queue_capacity}",
+                f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 headers={"Retry-After": str(retry)},
             )
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(plan=plan, level_images=level_images, threshold=threshold, future=fut, deadline=deadline)
-        self._queue.append(work)
-        self._pending += n
+        self._lanes[priority].append(work)
+        self._lane_pending[priority] += n
         metrics.QUEUE_DEPTH.set(self._pending)
         self._wakeup.set()
         return work
@@ -152,44 +184,49 @@ class Batcher:
     def _drop_dead(self) -> None:
         """Remove cancelled or expired requests from the queue, releasing their chips."""
         now = time.monotonic()
-        kept: collections.deque[ChipWork] = collections.deque()
-        for work in self._queue:
-            if not work.dropped and now >= work.deadline:
-                work.future.set_exception(DeadlineExceeded("deadline passed while queued; chips dropped before inference"))
-                metrics.REJECTIONS.labels(reason="deadline").inc()
-            if work.dropped:
-                self._pending -= work.remaining
-                continue
-            kept.append(work)
-        self._queue = kept
+        for priority, lane in self._lanes.items():
+            kept: collections.deque[ChipWork] = collections.deque()
+            for work in lane:
+                if not work.dropped and now >= work.deadline:
+                    work.future.set_exception(DeadlineExceeded("deadline passed while queued; chips dropped before inference"))
+                    metrics.REJECTIONS.labels(reason="deadline").inc()
+                if work.dropped:
+                    self._lane_pending[priority] -= work.remaining
+                    continue
+                kept.append(work)
+            self._lanes[priority] = kept
         metrics.QUEUE_DEPTH.set(self._pending)
 
     def _take_batch(self) -> list[_Slice]:
+        """Up to ``max_batch`` chips, interactive lane first, FIFO within a lane."""
         slices: list[_Slice] = []
         rows = 0
-        while self._queue and rows < self.max_batch:
-            work = self._queue[0]
-            take = min(work.remaining, self.max_batch - rows)
-            slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
-            work.cursor += take
-            rows += take
-            if work.started is None:
-                work.started = time.monotonic()
-                work.timings["queue_wait"] = work.started - work.enqueued
-            if work.remaining == 0:
-                self._queue.popleft()
-        self._pending -= rows
+        for priority in PRIORITIES:
+            lane = self._lanes[priority]
+            while lane and rows < self.max_batch:
+                work = lane[0]
+                take = min(work.remaining, self.max_batch - rows)
+                slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
+                work.cursor += take
+                rows += take
+                self._lane_pending[priority] -= take
+                if work.started is None:
+                    work.started = time.monotonic()
+                    work.timings["queue_wait"] = work.started - work.enqueued
+                if work.remaining == 0:
+                    lane.popleft()
         metrics.QUEUE_DEPTH.set(self._pending)
         return slices
 
     async def _run(self) -> None:
         while True:
-            if not self._queue:
+            if not self._queued():
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             # Wait out the batching window, measured from the oldest queued chip's arrival.
-            window_end = self._queue[0].enqueued + self.config.max_delay_ms / 1000
+            oldest = min(lane[0].enqueued for lane in self._lanes.values() if lane)
+            window_end = oldest + self.config.max_delay_ms / 1000
             while self._pending < self.max_batch and (now := time.monotonic()) < window_end and not self._closing:
                 self._wakeup.clear()
                 try:

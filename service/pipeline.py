@@ -17,7 +17,7 @@ import numpy as np
 
 from service import metrics
 from service.adapters import Adapter, ChipDetections, get_adapter
-from service.batch import Batcher
+from service.batch import Batcher, Priority
 from service.crop import Normalizer, crop_plan, resize_levels
 from service.engine import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
@@ -178,14 +178,19 @@ class Pipeline:
         return self.finish(prepared, self.infer_chips(prepared), options)
 
     async def detect_async(
-        self, image: np.ndarray, options: DetectOptions, batcher: Batcher, deadline: float = math.inf
+        self,
+        image: np.ndarray,
+        options: DetectOptions,
+        batcher: Batcher,
+        deadline: float = math.inf,
+        priority: Priority = "interactive",
     ) -> Result:
-        """Same as :meth:`detect`, with inference through the shared ``batcher``."""
+        """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane)."""
         loop = asyncio.get_running_loop()
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
         prepared = await loop.run_in_executor(None, self.prepare, image, options)
         metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
-        work = await batcher.submit(prepared.plan, prepared.level_images, prepared.threshold, deadline)
+        work = await batcher.submit(prepared.plan, prepared.level_images, prepared.threshold, deadline, priority)
         chip_dets = await work.future
         prepared.timings["crop"] += work.timings["crop"]
         prepared.timings["queue_wait"] = work.timings["queue_wait"]

@@ -11,12 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batch import BatcherConfig
 from service.decode import DecodeConfig
 from service.engine import EngineConfig, Provider
+from service.security import resolve_model_path
 
 
 def default_model_path() -> Path:
@@ -32,7 +33,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SNIPSERVE_", frozen=True, extra="ignore")
 
     # model and engine
-    model_path: Path = Field(default_factory=default_model_path, description="ONNX model to serve.")
+    models_dir: Path = Field(
+        default_factory=lambda: default_model_path().parent, description="Model files must resolve inside this directory."
+    )
+    model_path: Path = Field(default_factory=default_model_path, description="ONNX model to serve (inside models_dir).")
     engine: Literal["onnxruntime", "tensorrt", "fake"] = Field(default="onnxruntime", description="Engine backend.")
     providers: Annotated[tuple[Provider, ...], NoDecode] = Field(default=("cpu",), description="ONNX Runtime providers, priority order (comma list).")
     allow_cpu_fallback: bool = Field(default=False, description="Accept CPU when a requested GPU provider is unavailable.")
@@ -43,6 +47,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
     max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")
     queue_capacity: int = Field(default=4096, ge=1, description="Queued chips at most; beyond it 503 + Retry-After.")
+    bulk_queue_capacity: int = Field(default=1024, ge=1, description="Queued streaming/batch chips at most (own budget).")
     pipeline_depth: int = Field(default=2, ge=1, le=8, description="Engine batches in flight (crop overlaps inference).")
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
@@ -57,6 +62,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(default=True, description="Run warm-up batches before reporting ready.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     log_json: bool = Field(default=False, description="Structured JSON logs.")
+    shutdown_timeout_s: float = Field(default=30.0, gt=0, description="On SIGTERM, wait this long for in-flight requests.")
+    # security
+    api_key: SecretStr | None = Field(default=None, description="If set, required on every route but health and metrics.")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description="CORS allow-list (comma list); empty = off.")
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -64,6 +73,19 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return tuple(p.strip().lower() for p in v.split(",") if p.strip())
         return v
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(o.strip() for o in v.split(",") if o.strip())
+        return v
+
+    @field_validator("model_path", mode="after")
+    @classmethod
+    def _inside_models_dir(cls, v: Path, info: ValidationInfo) -> Path:
+        models_dir = info.data.get("models_dir")
+        return v if models_dir is None else resolve_model_path(v, models_dir)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -81,6 +103,7 @@ class Settings(BaseSettings):
             max_batch=self.max_batch,
             max_delay_ms=self.max_delay_ms,
             queue_capacity=max(self.queue_capacity, 1),
+            bulk_queue_capacity=self.bulk_queue_capacity,
             pipeline_depth=self.pipeline_depth,
             infer_timeout_s=self.infer_timeout_s,
         )

@@ -1,0 +1,104 @@
+"""End to end: the real `snipserve serve` process on a loopback port, a generated image, recall."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import encode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(env_extra: dict[str, str], log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `snipserve serve` (output to ``log``); returns the process and its base URL once ready."""
+    port = free_port()
+    env = os.environ | {"SNIPSERVE_PORT": str(port), "SNIPSERVE_HOST": "127.0.0.1"} | env_extra
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server did not become ready")
+
+
+@pytest.fixture
+def fake_server(tmp_path: Path) -> Iterator[str]:
+    proc, url = start_server({"SNIPSERVE_ENGINE": "fake"}, tmp_path / "server.log")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[N, M]`` IoU of xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def recall(gt: np.ndarray, gt_cls: np.ndarray, boxes: np.ndarray, cls: np.ndarray, thr: float = 0.5) -> float:
+    if len(boxes) == 0:
+        return 0.0
+    m = iou(gt, boxes) * (gt_cls[:, None] == cls[None, :])
+    return float((m.max(axis=1) >= thr).mean())
+
+
+def test_served_over_loopback_with_recall(fake_server: str, random_blobs) -> None:
+    image, gt, gt_cls = random_blobs(1500, 1000, 60, seed=7, min_size=6, max_size=45)
+    r = httpx.post(f"{fake_server}/v1/detect", content=encode(image), headers={"content-type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    dets = r.json()["detections"]
+    boxes = np.array([d["box"] for d in dets], np.float32).reshape(-1, 4)
+    cls = np.array([d["class_id"] for d in dets], np.int32)
+    assert recall(gt, gt_cls, boxes, cls) >= 0.95
+    assert r.headers.get("x-request-id")
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "snipserve_default.onnx"
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped default model is not in this checkout")
+def test_shipped_model_served_over_loopback(tmp_path: Path) -> None:
+    proc, url = start_server({}, tmp_path / "server.log")  # all defaults: the shipped model on ONNX Runtime, CPU
+    try:
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
+        assert models[0]["engine"]["providers"] == ["CPUExecutionProvider"]
+        from models.synth import SynthConfig, generate_image  # noqa: PLC0415
+
+        sample = generate_image(SynthConfig(), seed=123456, index=0)
+        r = httpx.post(f"{url}/v1/detect", content=encode(sample.image, ".jpg"), headers={"content-type": "image/jpeg"}, timeout=120)
+        assert r.status_code == 200, r.text
+        dets = r.json()["detections"]
+        boxes = np.array([d["box"] for d in dets], np.float32).reshape(-1, 4)
+        cls = np.array([d["class_id"] for d in dets], np.int32)
+        assert recall(sample.boxes, sample.classes, boxes, cls) >= 0.7
+    finally:
+        proc.terminate()
+        proc.wait(30)

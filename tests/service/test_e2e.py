@@ -92,8 +92,8 @@ def test_shipped_model_served_over_loopback(tmp_path: Path) -> None:
         assert models[0]["engine"]["providers"] == ["CPUExecutionProvider"]
         from models.synth import SynthConfig, generate_image  # noqa: PLC0415
 
-        sample = generate_image(SynthConfig(), seed=123456, index=0)
-        r = httpx.post(f"{url}/v1/detect", content=encode(sample.image, ".jpg"), headers={"content-type": "image/jpeg"}, timeout=120)
+        sample = generate_image(SynthConfig(max_long_side=1600), seed=123456, index=0)
+        r = httpx.post(f"{url}/v1/detect", content=sample.jpeg, headers={"content-type": "image/jpeg"}, timeout=120)
         assert r.status_code == 200, r.text
         dets = r.json()["detections"]
         boxes = np.array([d["box"] for d in dets], np.float32).reshape(-1, 4)

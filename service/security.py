@@ -121,14 +121,17 @@ class ModelPathError(ValueError):
 def resolve_model_path(path: Path, models_dir: Path) -> Path:
     """``path`` resolved (symlinks followed) and checked to lie inside ``models_dir``.
 
-    A relative ``path`` names a file inside ``models_dir`` when one exists there, else it is taken from the
-    working directory (``--model models/x.onnx`` from the repository root); either way the resolved file
-    must be inside ``models_dir``. Raises :class:`ModelPathError` otherwise. The file need not exist yet.
+    A relative ``path`` names a file inside ``models_dir``, or, when no such file exists but one does
+    relative to the working directory, that file (``--model models/x.onnx`` from the repository root);
+    either way the resolved file must be inside ``models_dir``. Raises :class:`ModelPathError` otherwise.
+    The file need not exist yet.
     """
     root = models_dir.expanduser().resolve()
     candidate = path.expanduser()
-    if not candidate.is_absolute() and (root / candidate).exists():
-        candidate = root / candidate
+    if not candidate.is_absolute():
+        in_root = root / candidate
+        from_cwd = not in_root.exists() and (candidate.exists() or candidate.resolve().is_relative_to(root))
+        candidate = candidate if from_cwd else in_root
     resolved = candidate.resolve()
     if not resolved.is_relative_to(root):
         raise ModelPathError(

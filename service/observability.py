@@ -261,8 +261,8 @@ class PlainFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        if not hasattr(record, "request_id"):
-            record.request_id = None
+        if getattr(record, "request_id", None) is None:
+            record.request_id = "-"
         line = super().format(record)
         fields = _fields(record)
         if fields:
@@ -275,6 +275,23 @@ class PlainFormatter(logging.Formatter):
 _HANDLER_NAME = "snipserve"
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (as ``logging.lastResort`` does),
+    so a replaced stderr (pytest capture, a supervisor) never leaves the handler on a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fixed: Any = None
+
+    @property
+    def stream(self) -> Any:
+        return self._fixed if self._fixed is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        self._fixed = None if value is sys.stderr else value
+
+
 def configure_logging(*, level: str | int = "INFO", json_logs: bool = False) -> logging.Handler:
     """Route all logs (ours, uvicorn's, libraries') through one stderr handler on the root logger.
 
@@ -284,7 +301,7 @@ def configure_logging(*, level: str | int = "INFO", json_logs: bool = False) -> 
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if json_logs else PlainFormatter())
     handler.addFilter(RequestIdFilter())

@@ -62,7 +62,9 @@ def _cap_per_chip(chip: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
 def decode_snipserve(outputs: Sequence[np.ndarray], card: ModelCard, thresholds: np.ndarray) -> ChipDetections:
     heatmap, ltrb = outputs[0], outputs[1]
     if heatmap.ndim != 4 or ltrb.ndim != 4 or ltrb.shape[1] != 4 or heatmap.shape[2:] != ltrb.shape[2:]:
-        raise ValueError(f"snipserve format needs heatmap [B,K,h,w] and ltrb [B,4,h,w], got {heatmap.shape}, {ltrb.shape}")
+        raise ValueError(
+            f"snipserve format needs heatmap [B,K,h,w] and ltrb [B,4,h,w], got {heatmap.shape}, {ltrb.shape}"
+        )
     stride = card.input_size / heatmap.shape[-1]
     b, c, y, x = np.nonzero(heatmap > thresholds[:, None, None, None])
     scores = heatmap[b, c, y, x].astype(np.float32)
@@ -112,7 +114,9 @@ def decode_end2end(outputs: Sequence[np.ndarray], card: ModelCard, thresholds: n
             num, outs = outs[0].reshape(-1), outs[1:]
         boxes_b, scores_b, classes_b = outs[0], outs[1], outs[2]
         if boxes_b.ndim != 3 or boxes_b.shape[2] != 4 or scores_b.shape != boxes_b.shape[:2]:
-            raise ValueError(f"end2end needs boxes [B,M,4], scores [B,M], classes [B,M]; got {boxes_b.shape}, {scores_b.shape}")
+            raise ValueError(
+                f"end2end needs boxes [B,M,4], scores [B,M], classes [B,M]; got {boxes_b.shape}, {scores_b.shape}"
+            )
     mask = scores_b > thresholds[:, None]
     if num is not None:
         mask &= np.arange(scores_b.shape[1])[None, :] < num[:, None]

@@ -66,7 +66,9 @@ def bench_pipeline(pipeline: Any, images: list[np.ndarray]) -> tuple[float, floa
     return len(images) / elapsed, float(np.mean(chips)), {k: statistics.mean(v) for k, v in stages.items()}
 
 
-def bench_http(model: Path | None, images: list[bytes], concurrency: int, seconds: float, max_batch: int, threads: int) -> dict[str, Any]:
+def bench_http(
+    model: Path | None, images: list[bytes], concurrency: int, seconds: float, max_batch: int, threads: int
+) -> dict[str, Any]:
     """Images/s of the real HTTP service (a `snipserve serve` process) under ``concurrency`` closed-loop clients."""
     import os
     import socket
@@ -88,7 +90,9 @@ def bench_http(model: Path | None, images: list[bytes], concurrency: int, second
     if model is not None:
         env["SNIPSERVE_MODEL_PATH"] = str(model)
     log = tempfile.NamedTemporaryFile("wb", suffix=".log", delete=False)  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v1/detect"
     deadline = time.monotonic() + 120

@@ -28,9 +28,7 @@ log = logging.getLogger("snipserve.serve")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="bind address (default: SNIPSERVE_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: SNIPSERVE_PORT or 8000)")
-    parser.add_argument(
-        "--model", type=Path, help="ONNX model (default: SNIPSERVE_MODEL_PATH or the shipped model)"
-    )
+    parser.add_argument("--model", type=Path, help="ONNX model (default: SNIPSERVE_MODEL_PATH or the shipped model)")
     parser.add_argument("--engine", choices=["onnxruntime", "tensorrt", "fake"], help="engine backend")
 
 

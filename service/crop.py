@@ -71,7 +71,9 @@ def write_chip(dst: np.ndarray, level_image: np.ndarray, x0: int, y0: int, norm:
         dst[:, :h, w:] = norm.pad_value
 
 
-def crop_plan(level_images: list[np.ndarray], plan: ChipPlan, norm: Normalizer, out: np.ndarray | None = None) -> np.ndarray:
+def crop_plan(
+    level_images: list[np.ndarray], plan: ChipPlan, norm: Normalizer, out: np.ndarray | None = None
+) -> np.ndarray:
     """All chips of ``plan`` as ``float32 [K, 3, C, C]`` (into ``out`` when given)."""
     k, c = plan.num_chips, plan.chip_size
     if out is None:

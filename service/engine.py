@@ -123,7 +123,9 @@ class OnnxRuntimeEngine:
             raise ModelLoadError(f"model card names outputs {unknown} that the model lacks (it has {names})")
         shape = self.session.get_inputs()[0].shape
         c = self.card.input_size
-        if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (3, c, c), strict=True)):
+        if len(shape) != 4 or any(
+            isinstance(d, int) and d != want for d, want in zip(shape[1:], (3, c, c), strict=True)
+        ):
             raise ModelLoadError(f"model input shape {shape} does not match [B, 3, {c}, {c}] from its card")
         fixed_batch = shape[0] if isinstance(shape[0], int) else None
         self.max_batch = min(config.max_batch, fixed_batch) if fixed_batch else config.max_batch

@@ -48,7 +48,9 @@ class ModelCard(BaseModel):
         default_factory=dict, description="Other named level presets (e.g. 'fast', 'accurate')."
     )
     score_threshold: float = Field(default=0.3, ge=0, le=1, description="Default minimum score in responses.")
-    pre_nms_iou: float = Field(default=0.6, gt=0, le=1, description="Per-chip NMS IoU for formats that need it (yolov8).")
+    pre_nms_iou: float = Field(
+        default=0.6, gt=0, le=1, description="Per-chip NMS IoU for formats that need it (yolov8)."
+    )
     max_per_chip: int = Field(default=300, ge=1, description="At most this many candidates per chip.")
     training: dict[str, Any] = Field(default_factory=dict, description="How the model was trained.")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="Measured evaluation results.")

@@ -144,7 +144,9 @@ class Pipeline:
         parts: list[ChipDetections] = []
         crop_s = infer_s = 0.0
         for start in range(0, chip_plan.num_chips, b):
-            sub = ChipPlan(chip_plan.image_size, c, chip_plan.levels, chip_plan.chips[start : start + b], chip_plan.edge_margin)
+            sub = ChipPlan(
+                chip_plan.image_size, c, chip_plan.levels, chip_plan.chips[start : start + b], chip_plan.edge_margin
+            )
             t0 = time.perf_counter()
             batch = crop_plan(prepared.level_images, sub, self.norm, out=buffer[: sub.num_chips])
             t1 = time.perf_counter()
@@ -158,7 +160,9 @@ class Pipeline:
         prepared.timings["infer"] = infer_s
         if not parts:
             return ChipDetections.empty()
-        return ChipDetections(*(np.concatenate(x) for x in zip(*((p.chip, p.boxes, p.scores, p.classes) for p in parts), strict=True)))
+        return ChipDetections(
+            *(np.concatenate(x) for x in zip(*((p.chip, p.boxes, p.scores, p.classes) for p in parts), strict=True))
+        )
 
     def finish(self, prepared: Prepared, chip_dets: ChipDetections, options: DetectOptions) -> Result:
         """Postprocess and merge one image's chip detections."""

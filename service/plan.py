@@ -81,8 +81,12 @@ class PlanConfig(BaseModel):
     sweet_spot: tuple[float, float] = Field(
         default=(16.0, 128.0), description="Object sizes (sqrt area, chip pixels) the model detects well."
     )
-    edge_margin: float = Field(default=2.0, ge=0, description="Boxes this close (level px) to an inner chip edge are dropped.")
-    max_overlap_fraction: float = Field(default=0.5, gt=0, lt=1, description="Cap on derived overlap, as a fraction of C.")
+    edge_margin: float = Field(
+        default=2.0, ge=0, description="Boxes this close (level px) to an inner chip edge are dropped."
+    )
+    max_overlap_fraction: float = Field(
+        default=0.5, gt=0, lt=1, description="Cap on derived overlap, as a fraction of C."
+    )
     max_chips: int = Field(default=4096, ge=1, description="Refuse plans with more chips than this.")
 
 
@@ -209,8 +213,7 @@ def plan(image_size: tuple[int, int], config: PlanConfig) -> ChipPlan:
     chips = np.concatenate(parts).astype(np.int32)
     if chips.shape[0] > config.max_chips:
         raise PlanError(
-            f"plan needs {chips.shape[0]} chips, more than the limit of {config.max_chips}; "
-            "use fewer or coarser levels"
+            f"plan needs {chips.shape[0]} chips, more than the limit of {config.max_chips}; use fewer or coarser levels"
         )
     return ChipPlan(image_size=image_size, chip_size=c, levels=levels, chips=chips, edge_margin=config.edge_margin)
 

@@ -30,7 +30,9 @@ def draw(image: np.ndarray, result: Result, labels: Sequence[str]) -> np.ndarray
 
 def render_jpeg(image: np.ndarray, result: Result, labels: Sequence[str], quality: int = 90) -> bytes:
     """JPEG bytes of :func:`draw`."""
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(draw(image, result, labels), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(draw(image, result, labels), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return bytes(buf)

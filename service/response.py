@@ -53,5 +53,7 @@ def coco_results(result: Result, image_id: int | str = 0) -> list[dict[str, Any]
     iid: int | str = int(image_id) if isinstance(image_id, str) and image_id.isdigit() else image_id
     return [
         {"image_id": iid, "category_id": c, "bbox": b, "score": s}
-        for b, s, c in zip(xywh.round(2).tolist(), d.scores.astype(np.float64).round(5).tolist(), d.classes.tolist(), strict=True)
+        for b, s, c in zip(
+            xywh.round(2).tolist(), d.scores.astype(np.float64).round(5).tolist(), d.classes.tolist(), strict=True
+        )
     ]

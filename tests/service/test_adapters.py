@@ -113,7 +113,9 @@ def test_cap_per_chip(tmp_path: Path) -> None:
 
 def test_sidecar_yaml_wins(tmp_path: Path) -> None:
     packed = np.zeros((1, 1, 6), np.float32)
-    path = constant_model(tmp_path / "m.onnx", {"output0": packed}, CHIP, {CARD_METADATA_KEY: card("end2end").model_dump_json()})
+    path = constant_model(
+        tmp_path / "m.onnx", {"output0": packed}, CHIP, {CARD_METADATA_KEY: card("end2end").model_dump_json()}
+    )
     (tmp_path / "m.yaml").write_text("name: renamed\nscore_threshold: 0.6\n")
     eng = OnnxRuntimeEngine(path, EngineConfig())
     assert eng.card.name == "renamed" and eng.card.score_threshold == 0.6
@@ -131,7 +133,12 @@ def test_bad_models_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no model card"):
         OnnxRuntimeEngine(path, EngineConfig())
     wrong = card("end2end").model_dump() | {"input_size": 128}
-    path = constant_model(tmp_path / "wrong.onnx", {"output0": np.zeros((1, 1, 6), np.float32)}, CHIP, {CARD_METADATA_KEY: json.dumps(wrong)})
+    path = constant_model(
+        tmp_path / "wrong.onnx",
+        {"output0": np.zeros((1, 1, 6), np.float32)},
+        CHIP,
+        {CARD_METADATA_KEY: json.dumps(wrong)},
+    )
     with pytest.raises(ModelLoadError, match="does not match"):
         OnnxRuntimeEngine(path, EngineConfig())
 
@@ -139,7 +146,12 @@ def test_bad_models_fail_clearly(tmp_path: Path) -> None:
 def test_gpu_provider_fallback_is_detected(tmp_path: Path) -> None:
     from service.errors import ModelLoadError
 
-    path = constant_model(tmp_path / "m.onnx", {"output0": np.zeros((1, 1, 6), np.float32)}, CHIP, {CARD_METADATA_KEY: card("end2end").model_dump_json()})
+    path = constant_model(
+        tmp_path / "m.onnx",
+        {"output0": np.zeros((1, 1, 6), np.float32)},
+        CHIP,
+        {CARD_METADATA_KEY: card("end2end").model_dump_json()},
+    )
     # The CPU build of ONNX Runtime has no CUDA provider: asking for it must fail loudly...
     with pytest.raises(ModelLoadError, match="SNIPSERVE_ALLOW_CPU_FALLBACK"):
         OnnxRuntimeEngine(path, EngineConfig(providers=("cuda", "cpu")))

@@ -44,7 +44,9 @@ def test_raw_body_detects_every_blob(client: TestClient, png: bytes) -> None:
 
 
 def test_multipart_with_form_options(client: TestClient, png: bytes) -> None:
-    r = client.post("/v1/detect", files={"file": ("a.png", png, "image/png")}, data={"classes": "green,red", "max_detections": "1"})
+    r = client.post(
+        "/v1/detect", files={"file": ("a.png", png, "image/png")}, data={"classes": "green,red", "max_detections": "1"}
+    )
     assert r.status_code == 200
     dets = r.json()["detections"]
     assert len(dets) == 1 and dets[0]["label"] in {"green", "red"}

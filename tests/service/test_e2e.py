@@ -28,7 +28,9 @@ def start_server(env_extra: dict[str, str], log: Path, timeout: float = 60.0) ->
     port = free_port()
     env = os.environ | {"SNIPSERVE_PORT": str(port), "SNIPSERVE_HOST": "127.0.0.1"} | env_extra
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

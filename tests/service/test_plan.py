@@ -98,7 +98,9 @@ def test_single_chip_level_is_padded_not_stretched() -> None:
 
 
 def test_levels_sorted_finest_first_and_ranges_derived() -> None:
-    levels = resolve_levels((2000, 1000), [LevelSpec(long_side=512), LevelSpec(scale=2.0), LevelSpec(scale=0.8)], 256, SWEET)
+    levels = resolve_levels(
+        (2000, 1000), [LevelSpec(long_side=512), LevelSpec(scale=2.0), LevelSpec(scale=0.8)], 256, SWEET
+    )
     assert [lv.scale for lv in levels] == [2.0, 0.8, 512 / 2000]
     assert levels[0].lo == -1 and levels[0].hi == pytest.approx(96 / 2.0)  # finest: open below
     assert levels[1].lo == pytest.approx(16 / 0.8) and levels[1].hi == pytest.approx(96 / 0.8)
@@ -134,7 +136,7 @@ def test_object_range_levels_cover_the_range(min_size: float, ratio: float) -> N
     ranges = sorted((s.valid[0], s.valid[1]) for s in specs)  # type: ignore[index,misc]
     assert ranges[0][0] == pytest.approx(min_size)
     assert ranges[-1][1] == pytest.approx(max_size)
-    for (lo1, hi1), (lo2, _) in zip(ranges, ranges[1:], strict=False):
+    for (_lo1, hi1), (lo2, _) in zip(ranges, ranges[1:], strict=False):
         assert lo2 <= hi1  # contiguous, overlapping bands
 
 

@@ -84,7 +84,9 @@ def test_class_filter_and_merge_cap() -> None:
 
 def test_duplicate_detections_across_chips_merge_to_one() -> None:
     """An object in the overlap of two chips is detected twice; the merge keeps one."""
-    p = plan((300, 100), PlanConfig(chip_size=256, levels=(LevelSpec(scale=1.0, valid=(-1, 100)),), sweet_spot=(8, 100)))
+    p = plan(
+        (300, 100), PlanConfig(chip_size=256, levels=(LevelSpec(scale=1.0, valid=(-1, 100)),), sweet_spot=(8, 100))
+    )
     x0 = p.chips[1, 1]
     obj = (120.0, 40.0, 140.0, 60.0)
     d = ChipDetections(
@@ -104,9 +106,15 @@ def test_mapped_boxes_stay_inside_the_image(w: int, h: int, scale: float, data: 
     p = plan((w, h), PlanConfig(chip_size=128, levels=(LevelSpec(scale=scale),), max_chips=100000))
     n = data.draw(st.integers(1, 20))
     chip = data.draw(st.lists(st.integers(0, p.num_chips - 1), min_size=n, max_size=n))
-    xy = np.array(data.draw(st.lists(st.tuples(st.floats(-20, 150), st.floats(-20, 150)), min_size=n, max_size=n)), np.float32)
-    wh = np.array(data.draw(st.lists(st.tuples(st.floats(0, 60), st.floats(0, 60)), min_size=n, max_size=n)), np.float32)
-    d = ChipDetections(np.array(chip, np.int32), np.concatenate([xy, xy + wh], 1), np.ones(n, np.float32), np.zeros(n, np.int32))
+    xy = np.array(
+        data.draw(st.lists(st.tuples(st.floats(-20, 150), st.floats(-20, 150)), min_size=n, max_size=n)), np.float32
+    )
+    wh = np.array(
+        data.draw(st.lists(st.tuples(st.floats(0, 60), st.floats(0, 60)), min_size=n, max_size=n)), np.float32
+    )
+    d = ChipDetections(
+        np.array(chip, np.int32), np.concatenate([xy, xy + wh], 1), np.ones(n, np.float32), np.zeros(n, np.int32)
+    )
     out = to_image(d, p)
     assert (out.boxes[:, 0::2] >= 0).all() and (out.boxes[:, 0::2] <= w).all()
     assert (out.boxes[:, 1::2] >= 0).all() and (out.boxes[:, 1::2] <= h).all()

@@ -352,12 +352,6 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app.include_router(stream_router())
     app.include_router(web_router())
 
-    from service.stream import stream_router
-    from service.web import web_router
-
-    app.include_router(stream_router())
-    app.include_router(web_router())
-
     from service import observability, security
 
     security.install(app, settings.api_key, settings.cors_origins)  # before instrument: it stays outermost

@@ -32,19 +32,17 @@ _install_attempted: list[str] = []
 
 
 def _ensure_tools() -> str:
-    """Run the installer once per session if a tool is missing; return its log for skip reasons."""
+    """Run the (idempotent) installer once per session, when some tool is missing; return its last line."""
     if not _install_attempted:
-        missing = [t for t in ("promtool", "prometheus") if shutil.which(t) is None]
-        if not missing:
-            _install_attempted.append("")
-        elif os.environ.get("SNIPSERVE_NO_INSTALL"):
+        if os.environ.get("SNIPSERVE_NO_INSTALL"):
             _install_attempted.append("SNIPSERVE_NO_INSTALL is set")
         else:
             try:
                 done = subprocess.run(
                     ["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=600, check=False
                 )
-                _install_attempted.append(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "")
+                lines = done.stderr.strip().splitlines()
+                _install_attempted.append(lines[-1] if lines else "")
             except (OSError, subprocess.TimeoutExpired) as exc:
                 _install_attempted.append(f"installer failed: {exc}")
     return _install_attempted[0]

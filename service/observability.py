@@ -33,6 +33,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from service import metrics
 
@@ -45,9 +46,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID_HEADER = "X-Request-ID"
 UNMATCHED_ROUTE = "<unmatched>"
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "snipserve_request_id", default=None
-)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("snipserve_request_id", default=None)
 """The current request's id, or ``None`` outside a request (startup, the batcher's own task)."""
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -324,7 +323,9 @@ async def metrics_endpoint(request: Request) -> Response:
     Labelled format 0.0.4, which every Prometheus 2.x/3.x and promtool read: our names are all legacy-valid,
     so the bytes equal the 1.0.0 format prometheus-client now calls ``CONTENT_TYPE_LATEST``.
     """
-    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    # In a worker thread: collection (NVML included) must not stall the batcher's event loop.
+    body = await run_in_threadpool(generate_latest, metrics.REGISTRY)
+    return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
 
 def instrument(app: FastAPI, settings: Any) -> None:

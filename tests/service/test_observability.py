@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 from fastapi import FastAPI, HTTPException, WebSocket
 from fastapi.responses import StreamingResponse
@@ -177,9 +179,7 @@ def test_json_access_log_fields() -> None:
     assert handler_log["request_id"] == "r-json" and handler_log["message"] == "handling x"
     access = next(r for r in records if r["logger"] == "snipserve.access")
     assert access["request_id"] == "r-json"
-    assert (
-        access["method"] == "GET" and access["path"] == "/items/x" and access["route"] == "/items/{item_id}"
-    )
+    assert access["method"] == "GET" and access["path"] == "/items/x" and access["route"] == "/items/{item_id}"
     assert access["status"] == 200 and access["duration_s"] >= 0 and access["response_bytes"] > 0
     assert access["user_agent"] == "ua/1" and access["level"] == "INFO"
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", access["ts"])
@@ -239,3 +239,58 @@ def test_configure_logging_is_idempotent() -> None:
     assert len(ours) == 1
     assert logging.getLogger().level == logging.WARNING
     assert logging.getLogger("uvicorn.access").disabled
+
+
+# -- with the real app (fake engine) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def real_client() -> Iterator[TestClient]:
+    from service.api import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(engine="fake", warmup=False, log_json=True))) as client:
+        yield client
+
+
+def test_real_app_detect_is_counted_timed_and_carries_request_id(real_client: TestClient) -> None:
+    ok, buf = cv2.imencode(".png", np.zeros((300, 400, 3), np.uint8))
+    route = "/v1/detect"
+    before = {
+        "requests": sample("snipserve_requests_total", route=route, status="200"),
+        "latency": sample("snipserve_request_duration_seconds_count", route=route),
+        "merge": sample("snipserve_stage_duration_seconds_count", stage="merge"),
+        "batches": sample("snipserve_batch_size_chips_count"),
+        "chips": sample("snipserve_chips_total"),
+    }
+    response = real_client.post(
+        route, content=buf.tobytes(), headers={"content-type": "image/png", "X-Request-ID": "client-42"}
+    )
+    assert response.status_code == 200 and response.headers["X-Request-ID"] == "client-42"
+    assert sample("snipserve_requests_total", route=route, status="200") == before["requests"] + 1
+    assert sample("snipserve_request_duration_seconds_count", route=route) == before["latency"] + 1
+    assert sample("snipserve_stage_duration_seconds_count", stage="merge") == before["merge"] + 1
+    assert sample("snipserve_batch_size_chips_count") > before["batches"]
+    assert sample("snipserve_chips_total") == before["chips"] + response.json()["chips"]
+
+
+def test_real_app_errors_keep_request_id_and_count_rejections(real_client: TestClient) -> None:
+    before = sample("snipserve_rejections_total", reason="bad_image")
+    before_400 = sample("snipserve_requests_total", route="/v1/detect", status="400")
+    response = real_client.post(
+        "/v1/detect", content=b"not an image", headers={"content-type": "image/png", "X-Request-ID": "bad-1"}
+    )
+    assert response.status_code == 400 and response.headers["X-Request-ID"] == "bad-1"
+    assert sample("snipserve_rejections_total", reason="bad_image") == before + 1
+    assert sample("snipserve_requests_total", route="/v1/detect", status="400") == before_400 + 1
+
+
+def test_real_app_metrics_route_and_model_info(real_client: TestClient) -> None:
+    response = real_client.get("/metrics")
+    assert response.status_code == 200 and "X-Request-ID" in response.headers
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    info = families["snipserve_model_info"].samples[0].labels
+    assert info["engine"] == "fake" and info["model"] and info["providers"] and info["precision"]
+    assert families["snipserve_ready"].samples[0].value == 1.0
+    assert families["snipserve_queue_capacity_chips"].samples[0].value > 0
+    assert "/metrics" not in real_client.get("/openapi.json").json()["paths"]

@@ -86,14 +86,10 @@ CHIPS_PER_REQUEST = Histogram(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge("snipserve_queue_depth_chips", "Chips waiting for an engine call.", registry=REGISTRY)
-QUEUE_CAPACITY = Gauge(
-    "snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY
-)
+QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)
 IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
 REJECTIONS = Counter("snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY)
-ENGINE_ERRORS = Counter(
-    "snipserve_engine_errors", "Engine calls that raised or timed out.", registry=REGISTRY
-)
+ENGINE_ERRORS = Counter("snipserve_engine_errors", "Engine calls that raised or timed out.", registry=REGISTRY)
 DETECTIONS_PER_IMAGE = Histogram(
     "snipserve_detections_per_image",
     "Detections returned per image.",
@@ -177,9 +173,7 @@ class GpuCollector(Collector):
             GaugeMetricFamily(
                 "snipserve_gpu_devices", "NVIDIA GPUs visible through NVML (0 without a GPU or nvidia-ml-py)."
             ),
-            GaugeMetricFamily(
-                "snipserve_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["gpu"]
-            ),
+            GaugeMetricFamily("snipserve_gpu_memory_used_bytes", "GPU memory in use (all processes).", labels=["gpu"]),
             GaugeMetricFamily("snipserve_gpu_memory_total_bytes", "GPU memory installed.", labels=["gpu"]),
             GaugeMetricFamily(
                 "snipserve_gpu_utilization_ratio",

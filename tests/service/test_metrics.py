@@ -82,20 +82,14 @@ def test_latency_buckets_have_slo_edges() -> None:
 def test_stage_and_reason_series_exist_before_first_event() -> None:
     # Pre-created children let rate() and dashboards show 0 instead of "no data" on a fresh process.
     for stage in metrics.STAGES:
-        assert (
-            metrics.REGISTRY.get_sample_value("snipserve_stage_duration_seconds_count", {"stage": stage})
-            is not None
-        )
+        assert metrics.REGISTRY.get_sample_value("snipserve_stage_duration_seconds_count", {"stage": stage}) is not None
     for reason in ("queue_full", "deadline", "too_large", "bad_image", "unauthorized"):
         assert metrics.REGISTRY.get_sample_value("snipserve_rejections_total", {"reason": reason}) is not None
 
 
 def test_observe_stages_ignores_unknown_keys() -> None:
     def count(stage: str) -> float:
-        return (
-            metrics.REGISTRY.get_sample_value("snipserve_stage_duration_seconds_count", {"stage": stage})
-            or 0.0
-        )
+        return metrics.REGISTRY.get_sample_value("snipserve_stage_duration_seconds_count", {"stage": stage}) or 0.0
 
     before = count("merge")
     metrics.observe_stages({"merge": 0.002, "total": 1.0, "bogus": 3.0})
@@ -180,9 +174,7 @@ def test_gpu_collector_reports_memory_and_utilisation() -> None:
     assert nvml.inits == 1  # initialised once, on the first scrape, not at registration
 
 
-@pytest.mark.parametrize(
-    "loader", [lambda: None, lambda: FakeNvml(fail_init=True)], ids=["no-pynvml", "no-driver"]
-)
+@pytest.mark.parametrize("loader", [lambda: None, lambda: FakeNvml(fail_init=True)], ids=["no-pynvml", "no-driver"])
 def test_gpu_collector_without_gpu_describes_families_and_reports_zero(loader: Any) -> None:
     collector = metrics.GpuCollector(nvml_loader=loader)
     registry = CollectorRegistry()

@@ -1,0 +1,49 @@
+"""``snipserve export onnx|tensorrt``: export a trained model.
+
+``onnx``: ``model.pt`` (from ``snipserve train``) -> ONNX with dynamic batch, checked against PyTorch, with the
+model card in its metadata. ``tensorrt`` is not implemented yet (it needs the ``gpu`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("format", choices=["onnx", "tensorrt"], help="export target")
+    parser.add_argument("--weights", type=Path, default=Path("runs/default/model.pt"), help="trained model.pt")
+    parser.add_argument("--out", type=Path, default=Path("models/snipserve_default.onnx"), help="output file")
+    parser.add_argument("--name", default="snipserve-default", help="model name in the card")
+    parser.add_argument(
+        "--eval-json",
+        type=Path,
+        default=None,
+        help="results of `snipserve eval --json` to store in the card's evaluation field",
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - torch|")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format == "tensorrt":
+        print(
+            "snipserve export tensorrt: not implemented yet; it needs a GPU host with the 'gpu' extra "
+            "(pip install 'snipserve[gpu]'). Export ONNX with `snipserve export onnx` and serve it with the "
+            "ONNX Runtime engine meanwhile.",
+            file=sys.stderr,
+        )
+        return 2
+    from exporters.onnx import OnnxExportConfig, ParityError, export_onnx
+
+    evaluation = json.loads(args.eval_json.read_text()) if args.eval_json else None
+    cfg = OnnxExportConfig(opset=args.opset, tolerance=args.tolerance)
+    try:
+        report = export_onnx(args.weights, args.out, cfg, evaluation=evaluation, name=args.name)
+    except ParityError as exc:
+        print(f"export failed parity: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0

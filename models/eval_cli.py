@@ -1,0 +1,45 @@
+"""``snipserve eval --data DIR [--model PATH] --mode single|slices|pyramid [--json OUT]``.
+
+Runs the service's in-process pipeline over a COCO dataset and writes COCO metrics, a Markdown table and a
+PNG plot of AP by object size. ``--mode`` may be given several times (or ``all``) to share image decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder (images/ + annotations.json)")
+    parser.add_argument("--model", type=Path, default=None, help="ONNX model (default: the shipped model)")
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=["single", "slices", "pyramid", "all"],
+        required=True,
+        help="inference mode; repeat or use 'all' for several",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write results JSON here")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="folder for the Markdown table and PNG plot (default: next to --json, else runs/eval)",
+    )
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.evaluate import MODES, EvalConfig, evaluate, markdown_table, write_reports
+
+    modes = MODES if "all" in args.mode else tuple(dict.fromkeys(args.mode))
+    cfg = EvalConfig(max_images=args.max_images, threads=args.threads)
+    results = evaluate(args.data, args.model, modes, cfg, progress=not args.no_progress)
+    out_dir = args.out_dir or (args.json.parent if args.json is not None else Path("runs/eval"))
+    paths = write_reports(results, args.json, out_dir)
+    print(markdown_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

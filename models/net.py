@@ -1,0 +1,126 @@
+"""The default detector: a compact anchor-free single-stage net with a stride-4 output (TTFNet-style).
+
+Why this shape: the smallest objects are ~6 px, i.e. 1.5 cells at stride 4; stride 8 would put several of
+them in one cell. Context from strides 8/16/32 is merged back into the stride-4 map top-down (FPN-style
+lateral 1x1 convs + nearest upsampling), so large objects (~64-110 chip px) still see enough receptive field.
+Only Conv/BN/ReLU/Add/Resize(nearest)/Sigmoid/Exp/MaxPool are used so ONNX Runtime's CPU EP runs it fast.
+
+Outputs (training form, :meth:`TinyDet.forward`): class logits ``float32 [B, K, C/4, C/4]`` and box
+distances ``ltrb`` ``float32 [B, 4, C/4, C/4]`` in chip pixels from each cell centre
+``((x + 0.5) * 4, (y + 0.5) * 4)``. :class:`ExportWrapper` turns these into the "snipserve" output format
+(per-class probabilities with 3x3 peak suppression inside the graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+STRIDE = 4
+_PRIOR = 0.01  # initial foreground probability (focal-loss prior, RetinaNet)
+
+
+class NetConfig(BaseModel):
+    """Architecture of :class:`TinyDet`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_classes: int = Field(default=3, ge=1, description="Number of object classes K.")
+    widths: tuple[int, int, int, int] = Field(
+        default=(32, 64, 96, 128), description="Channels at strides 4, 8, 16, 32."
+    )
+    head_width: int = Field(default=32, ge=8, description="Channels of the merged stride-4 map and the head.")
+    max_log_distance: float = Field(default=5.0, gt=0, description="Clamp on the log-distance regression output.")
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class _Block(nn.Module):
+    """Residual basic block (two 3x3 convs)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.a = _cbr(c, c)
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b(self.a(x)))
+
+
+class TinyDet(nn.Module):
+    """Backbone (strides 4-32) + top-down merge to stride 4 + heatmap/ltrb heads."""
+
+    def __init__(self, cfg: NetConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or NetConfig()
+        w4, w8, w16, w32 = cfg.widths
+        h = cfg.head_width
+        self.stem = nn.Sequential(_cbr(3, 16, 2), _cbr(16, w4, 2), _cbr(w4, w4))  # stride 4
+        self.s8 = nn.Sequential(_cbr(w4, w8, 2), _Block(w8))
+        self.s16 = nn.Sequential(_cbr(w8, w16, 2), _Block(w16))
+        self.s32 = nn.Sequential(_cbr(w16, w32, 2), _Block(w32))
+        self.lat4, self.lat8 = nn.Conv2d(w4, h, 1), nn.Conv2d(w8, h, 1)
+        self.lat16, self.lat32 = nn.Conv2d(w16, h, 1), nn.Conv2d(w32, h, 1)
+        self.smooth8 = _cbr(h, h)
+        self.head = _cbr(h, h)
+        self.cls = nn.Conv2d(h, cfg.num_classes, 1)
+        self.reg = nn.Conv2d(h, 4, 1)
+        nn.init.constant_(self.cls.bias, -torch.log(torch.tensor((1 - _PRIOR) / _PRIOR)).item())
+        nn.init.normal_(self.reg.weight, std=0.01)
+        nn.init.constant_(self.reg.bias, 1.0)  # exp(1) * 4 ~ 11 px: a typical small-object half size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` float32 ``[B, 3, C, C]`` normalised -> (logits ``[B, K, C/4, C/4]``, ltrb ``[B, 4, C/4, C/4]`` px)."""
+        c4 = self.stem(x)
+        c8 = self.s8(c4)
+        c16 = self.s16(c8)
+        c32 = self.s32(c16)
+        p16 = self.lat16(c16) + F.interpolate(self.lat32(c32), scale_factor=2.0, mode="nearest")
+        p8 = self.smooth8(self.lat8(c8) + F.interpolate(p16, scale_factor=2.0, mode="nearest"))
+        p4 = self.head(self.lat4(c4) + F.interpolate(p8, scale_factor=2.0, mode="nearest"))
+        logits = self.cls(p4)
+        ltrb = torch.exp(torch.clamp(self.reg(p4), max=self.cfg.max_log_distance)) * STRIDE
+        return logits, ltrb
+
+
+def peak_suppress(heat: torch.Tensor) -> torch.Tensor:
+    """Zero every cell that is not the maximum of its 3x3 neighbourhood (per class), CenterNet-style."""
+    pooled = F.max_pool2d(heat, 3, stride=1, padding=1)
+    return heat * (pooled == heat).to(heat.dtype)
+
+
+class ExportWrapper(nn.Module):
+    """``images`` ``[B, 3, C, C]`` -> (``heatmap`` probabilities, peak-suppressed; ``ltrb`` chip px)."""
+
+    def __init__(self, net: TinyDet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, ltrb = self.net(images)
+        return peak_suppress(torch.sigmoid(logits)), ltrb
+
+
+def count_macs(net: TinyDet, chip: int) -> int:
+    """Multiply-accumulates of one forward pass on a ``chip x chip`` input (convolutions only)."""
+    total = 0
+
+    def hook(m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Conv2d)
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total += int(out.numel() // out.shape[0]) * k
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net.eval()
+        net(torch.zeros(1, 3, chip, chip))
+    for h in handles:
+        h.remove()
+    return total

@@ -1,0 +1,502 @@
+"""SNIPER training of :class:`models.net.TinyDet` on CPU, resumable, seeded.
+
+Schedule (SNIPER):
+
+1. Positive chips for every training image and level (``models.sniper.positive_chips``), cropped once and
+   kept in memory together with their dense targets (``models.sniper.build_targets``).
+2. Train on positive chips for ``mining_step`` steps (the "short-trained model").
+3. Mine negative chips: run that model over the full chip plan (``service.plan.plan``, the same tiling the
+   service uses) of ``mining_images`` training images; false detections outside the positive chips are
+   covered by negative chips (``models.sniper.negative_chips``), which join the pool.
+4. Train on positives + negatives to ``steps``.
+
+Loss: penalty-reduced focal loss on the class heatmap (CenterNet) + GIoU on ``ltrb`` at Gaussian-weighted
+cells near box centres (TTFNet), both multiplied by the ignore map (invalid ground truth = no loss).
+Augmentation: the 8 dihedral transforms of each chip, brightness/contrast jitter.
+
+Checkpoints (``<out>/last.pt``) hold model, optimiser, step, RNG states, negative chips and elapsed time; a
+rerun with the same config resumes from there. The result is ``<out>/model.pt`` (weights + configs + how it
+was trained), which ``snipserve export onnx`` turns into the shipped model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.net import STRIDE, NetConfig, TinyDet
+from models.sniper import (
+    SamplerConfig,
+    build_targets,
+    chip_labels,
+    crop_chip,
+    decode,
+    describe_levels,
+    negative_chips,
+    positive_chips,
+    resize_level,
+)
+from models.synth import CLASSES, load_coco
+from service.plan import PlanConfig, plan
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class TrainConfig(BaseModel):
+    """One training run (``models/configs/default.yaml``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: Path = Field(
+        default=Path("data/train"), description="Training dataset folder (COCO, from `snipserve synth`)."
+    )
+    out: Path = Field(default=Path("runs/default"), description="Run folder: checkpoints, log, model.pt.")
+    max_images: int | None = Field(default=None, ge=1, description="Use only the first N training images.")
+    seed: int = Field(default=0, description="Seed of chip sampling, initialisation and batch order.")
+    steps: int = Field(default=12000, ge=1, description="Optimiser steps in total.")
+    batch_size: int = Field(default=16, ge=1, description="Chips per step.")
+    lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(default=300, ge=0, description="Linear warm-up steps, then cosine decay to 2% of lr.")
+    reg_weight: float = Field(default=5.0, gt=0, description="Weight of the GIoU term (TTFNet uses 5).")
+    mining_step: int = Field(default=2500, ge=0, description="Mine negative chips after this many steps (0 = never).")
+    mining_images: int = Field(default=200, ge=0, description="Training images scanned for negative chips.")
+    checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
+    time_budget_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop after this much training time; the cosine schedule then runs on time "
+        "(progress = max(step / steps, time / budget)), so a busy machine still anneals the learning rate.",
+    )
+    threads: int = Field(default=2, ge=1, description="torch CPU threads.")
+    net: NetConfig = Field(default_factory=NetConfig, description="Architecture.")
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="SNIPER chips and levels.")
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> TrainConfig:
+        return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+@dataclass
+class ChipPool:
+    """Training chips in memory: pixels ``uint8 [N, C, C, 3]`` and per-chip dense targets."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    heat: list[np.ndarray] = field(default_factory=list)  # float16 [K, h, w]
+    weight: list[np.ndarray] = field(default_factory=list)  # uint8 [h, w]
+    reg: list[np.ndarray] = field(default_factory=list)  # float16 [4, h, w]
+    reg_w: list[np.ndarray] = field(default_factory=list)  # float16 [h, w]
+    kinds: list[str] = field(default_factory=list)  # "pos" | "neg"
+
+    def add(self, chip: np.ndarray, targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
+        heat, weight, reg, reg_w = targets
+        self.images.append(chip)
+        self.heat.append(heat.astype(np.float16))
+        self.weight.append(weight.astype(np.uint8))
+        self.reg.append(reg.astype(np.float16))
+        self.reg_w.append(reg_w.astype(np.float16))
+        self.kinds.append(kind)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise FileNotFoundError(path)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def build_positive_pool(
+    items: list[tuple[Path, np.ndarray, np.ndarray]], cfg: TrainConfig, progress: bool = True
+) -> tuple[ChipPool, list[list[np.ndarray]]]:
+    """Positive chips of every image; also returns each image's positive corners per level (for mining)."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    pool = ChipPool()
+    corners_all: list[list[np.ndarray]] = []
+    it: Any = items
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(items, desc="positive chips", unit="img")
+    sc = cfg.sampler
+    for path, boxes, classes in it:
+        img = _read_rgb(path)
+        per_level = positive_chips((img.shape[1], img.shape[0]), boxes, sc, rng)
+        corners_all.append([c for _, c in per_level])
+        for lv, corners in per_level:
+            if corners.shape[0] == 0:
+                continue
+            limg = resize_level(img, lv)
+            for x0, y0 in corners.tolist():
+                chip, _, _ = crop_chip(limg, x0, y0, sc.chip_size)
+                labels = chip_labels(lv, x0, y0, boxes, classes, sc)
+                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "pos")
+    return pool, corners_all
+
+
+def normalise(chips: np.ndarray) -> torch.Tensor:
+    """``uint8 [B, C, C, 3]`` RGB -> ``float32 [B, 3, C, C]`` normalised with :data:`MEAN` / :data:`STD`."""
+    x = torch.from_numpy(chips).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def predict_chips(net: TinyDet, chips: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Peak-suppressed heatmaps ``[N, K, h, w]`` and ltrb ``[N, 4, h, w]`` for ``uint8 [N, C, C, 3]`` chips."""
+    from models.net import peak_suppress
+
+    net.eval()
+    heats, ltrbs = [], []
+    for i in range(0, chips.shape[0], batch):
+        logits, ltrb = net(normalise(chips[i : i + batch]))
+        heats.append(peak_suppress(torch.sigmoid(logits)).numpy())
+        ltrbs.append(ltrb.numpy())
+    return np.concatenate(heats), np.concatenate(ltrbs)
+
+
+def mine_negatives(
+    net: TinyDet,
+    items: list[tuple[Path, np.ndarray, np.ndarray]],
+    corners_all: list[list[np.ndarray]],
+    cfg: TrainConfig,
+    pool: ChipPool,
+    progress: bool = True,
+) -> list[tuple[int, int, int, int]]:
+    """Add negative chips to ``pool``; returns ``(image index, level index, x0, y0)`` of each."""
+    sc = cfg.sampler
+    rng = np.random.default_rng([cfg.seed, 2])
+    chosen = rng.choice(len(items), size=min(cfg.mining_images, len(items)), replace=False)
+    it: Any = sorted(chosen.tolist())
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="mining negatives", unit="img")
+    found: list[tuple[int, int, int, int]] = []
+    pcfg = PlanConfig(chip_size=sc.chip_size, levels=sc.levels, sweet_spot=sc.sweet_spot)
+    for i in it:
+        path, boxes, classes = items[i]
+        img = _read_rgb(path)
+        p = plan((img.shape[1], img.shape[0]), pcfg)
+        limgs = [resize_level(img, lv) for lv in p.levels]
+        chips = np.stack([crop_chip(limgs[lvl], x0, y0, sc.chip_size)[0] for lvl, x0, y0 in p.chips.tolist()])
+        heat, ltrb = predict_chips(net, chips)
+        for lv in p.levels:
+            dets = []
+            for k in np.flatnonzero(p.chips[:, 0] == lv.index):
+                b, _, _ = decode(heat[k], ltrb[k], sc.neg_score, 100)
+                dets.append(b + p.chips[k, 1:3].astype(np.float32).repeat(2))
+            d = np.concatenate(dets) if dets else np.zeros((0, 4), np.float32)
+            for x0, y0 in negative_chips(lv, d, boxes, corners_all[i][lv.index], sc).tolist():
+                chip, _, _ = crop_chip(limgs[lv.index], x0, y0, sc.chip_size)
+                labels = chip_labels(lv, x0, y0, boxes, classes, sc)
+                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg")
+                found.append((i, lv.index, x0, y0))
+    return found
+
+
+def _dihedral(arr: np.ndarray, code: int) -> np.ndarray:
+    """Apply transform ``code`` (bit0 hflip, bit1 vflip, bit2 transpose) to the last two axes."""
+    if code & 1:
+        arr = arr[..., ::-1]
+    if code & 2:
+        arr = arr[..., ::-1, :]
+    if code & 4:
+        arr = np.swapaxes(arr, -1, -2)
+    return arr
+
+
+def _dihedral_boxes(reg: np.ndarray, code: int, c: int) -> np.ndarray:
+    """Box targets ``[4, h, w]`` (x1, y1, x2, y2 chip px) under the same transform as :func:`_dihedral`."""
+    x1, y1, x2, y2 = reg
+    if code & 1:
+        x1, x2 = c - x2, c - x1
+    if code & 2:
+        y1, y2 = c - y2, c - y1
+    if code & 4:
+        x1, y1, x2, y2 = y1, x1, y2, x2
+    return np.stack([x1, y1, x2, y2])
+
+
+def make_batch(pool: ChipPool, idx: np.ndarray, rng: np.random.Generator, chip: int) -> dict[str, torch.Tensor]:
+    """Augmented batch: images, heat, weight, reg, reg_w as tensors."""
+    ims, heats, ws, regs, rws = [], [], [], [], []
+    for i in idx.tolist():
+        code = int(rng.integers(8))
+        im = pool.images[i]
+        im_t = _dihedral(np.moveaxis(im, 2, 0), code)  # [3, C, C]
+        ims.append(np.moveaxis(im_t, 0, 2))
+        heats.append(_dihedral(pool.heat[i], code).astype(np.float32))
+        ws.append(_dihedral(pool.weight[i], code).astype(np.float32))
+        reg = _dihedral(pool.reg[i].astype(np.float32), code)
+        regs.append(_dihedral_boxes(reg, code, chip))
+        rws.append(_dihedral(pool.reg_w[i], code).astype(np.float32))
+    x = normalise(np.ascontiguousarray(np.stack(ims)))
+    # photometric jitter per chip: contrast and brightness in normalised units
+    b = x.shape[0]
+    gain = torch.from_numpy(rng.uniform(0.75, 1.25, (b, 1, 1, 1)).astype(np.float32))
+    shift = torch.from_numpy(rng.uniform(-0.3, 0.3, (b, 1, 1, 1)).astype(np.float32))
+    x = x * gain + shift
+    return {
+        "images": x,
+        "heat": torch.from_numpy(np.stack(heats)),
+        "weight": torch.from_numpy(np.stack(ws)),
+        "reg": torch.from_numpy(np.stack(regs)),
+        "reg_w": torch.from_numpy(np.stack(rws)),
+    }
+
+
+def focal_loss(logits: torch.Tensor, heat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """CenterNet penalty-reduced focal loss; ``weight`` ``[B, h, w]`` zeroes ignore regions."""
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    w = weight[:, None]
+    pos = (heat >= 1.0).float()
+    pos_loss = -torch.log(p) * (1 - p) ** 2 * pos * w
+    neg_loss = -torch.log(1 - p) * p**2 * (1 - heat) ** 4 * (1 - pos) * w
+    return (pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1.0)
+
+
+def giou_loss(ltrb: torch.Tensor, reg: torch.Tensor, reg_w: torch.Tensor) -> torch.Tensor:
+    """GIoU loss of predicted ``ltrb`` ``[B, 4, h, w]`` vs target boxes ``reg`` at cells weighted by ``reg_w``."""
+    b, _, h, w = ltrb.shape
+    mask = reg_w > 0
+    if not bool(mask.any()):
+        return ltrb.sum() * 0.0
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    cx = ((xs.float() + 0.5) * STRIDE).expand(b, h, w)[mask]
+    cy = ((ys.float() + 0.5) * STRIDE).expand(b, h, w)[mask]
+    d = ltrb.permute(0, 2, 3, 1)[mask]  # [M, 4]
+    t = reg.permute(0, 2, 3, 1)[mask]  # [M, 4]
+    px1, py1, px2, py2 = cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]
+    tx1, ty1, tx2, ty2 = t.unbind(1)
+    iw = (torch.minimum(px2, tx2) - torch.maximum(px1, tx1)).clamp(min=0)
+    ih = (torch.minimum(py2, ty2) - torch.maximum(py1, ty1)).clamp(min=0)
+    inter = iw * ih
+    union = (px2 - px1) * (py2 - py1) + (tx2 - tx1) * (ty2 - ty1) - inter
+    iou = inter / union.clamp(min=1e-6)
+    ew = torch.maximum(px2, tx2) - torch.minimum(px1, tx1)
+    eh = torch.maximum(py2, ty2) - torch.minimum(py1, ty1)
+    enclose = (ew * eh).clamp(min=1e-6)
+    giou = iou - (enclose - union) / enclose
+    wts = reg_w[mask]
+    return ((1 - giou) * wts).sum() / wts.sum().clamp(min=1e-6)
+
+
+def progress_at(step: int, seconds: float, cfg: TrainConfig) -> float:
+    """Fraction of training done: by steps, or by time when a time budget is set (whichever is further)."""
+    t = step / cfg.steps
+    if cfg.time_budget_minutes is not None:
+        t = max(t, seconds / (60.0 * cfg.time_budget_minutes))
+    return t
+
+
+def lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Learning rate: linear warm-up over ``warmup_steps``, then cosine to 2% of ``lr`` over the progress."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t0 = cfg.warmup_steps / cfg.steps
+    t = (progress_at(step, seconds, cfg) - t0) / max(1e-9, 1 - t0)
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def hardware() -> str:
+    """One line describing this machine's CPU (for the model card)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs visible, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the path of ``model.pt``."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    _, items = load_coco(cfg.data)
+    if cfg.max_images is not None:
+        items = items[: cfg.max_images]
+    sc = cfg.sampler
+    net = TinyDet(cfg.net)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt_path = cfg.out / "last.pt"
+    step, elapsed, negatives = 0, 0.0, []
+    rng = np.random.default_rng([cfg.seed, 3])
+    t_pool = time.perf_counter()
+    pool, corners_all = build_positive_pool(items, cfg, progress)
+    pool_seconds = time.perf_counter() - t_pool
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        step, elapsed, negatives = ck["step"], ck["elapsed"], ck["negatives"]
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        _re_add_negatives(items, negatives, cfg, pool)
+        print(f"resumed from {ckpt_path} at step {step} ({len(negatives)} negative chips)")
+    print(f"{len(items)} images, {len(pool)} chips; levels: {describe_levels(sc.levels)}; chip {sc.chip_size}")
+    log = (cfg.out / "log.jsonl").open("a")
+    bar: Any = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
+    order = rng.permutation(len(pool))
+    cursor = 0
+    t_last = time.perf_counter()
+    mined = bool(negatives) or cfg.mining_step == 0
+    while progress_at(step, elapsed + time.perf_counter() - t_last, cfg) < 1.0:
+        if not mined and step >= cfg.mining_step:
+            t0 = time.perf_counter()
+            negatives = mine_negatives(net, items, corners_all, cfg, pool, progress)
+            print(f"mined {len(negatives)} negative chips in {time.perf_counter() - t0:.0f}s; pool {len(pool)}")
+            mined, order, cursor = True, rng.permutation(len(pool)), 0
+            _save(ckpt_path, net, opt, step, elapsed + time.perf_counter() - t_last, negatives, rng)
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = rng.permutation(len(pool)), 0
+        idx = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        batch = make_batch(pool, idx, rng, sc.chip_size)
+        lr = lr_at(step, cfg, elapsed + time.perf_counter() - t_last)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        net.train()
+        logits, ltrb = net(batch["images"])
+        l_cls = focal_loss(logits, batch["heat"], batch["weight"])
+        l_reg = giou_loss(ltrb, batch["reg"], batch["reg_w"])
+        loss = l_cls + cfg.reg_weight * l_reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+        opt.step()
+        step += 1
+        if step % 20 == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            rec = {
+                "step": step,
+                "loss": loss.item(),
+                "cls": l_cls.item(),
+                "reg": l_reg.item(),
+                "lr": lr,
+                "elapsed": elapsed + now - t_last,
+            }
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", cls=f"{l_cls.item():.3f}", reg=f"{l_reg.item():.3f}")
+        if step % cfg.checkpoint_every == 0:
+            now = time.perf_counter()
+            elapsed += now - t_last
+            t_last = now
+            _save(ckpt_path, net, opt, step, elapsed, negatives, rng)
+    if bar is not None:
+        bar.close()
+    elapsed += time.perf_counter() - t_last
+    _save(ckpt_path, net, opt, step, elapsed, negatives, rng)
+    out = cfg.out / "model.pt"
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "net": cfg.net.model_dump(),
+            "sampler": cfg.sampler.model_dump(mode="json"),
+            "classes": list(CLASSES[: cfg.net.num_classes]),
+            "mean": MEAN,
+            "std": STD,
+            "training": {
+                "config": json.loads(cfg.model_dump_json()),
+                "seed": cfg.seed,
+                "steps": step,
+                "images": len(items),
+                "positive_chips": sum(k == "pos" for k in pool.kinds),
+                "negative_chips": len(negatives),
+                "train_seconds": round(elapsed, 1),
+                "chip_pool_seconds": round(pool_seconds, 1),
+                "hardware": hardware(),
+            },
+        },
+        out,
+    )
+    print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min of training")
+    return out
+
+
+def _re_add_negatives(
+    items: list[tuple[Path, np.ndarray, np.ndarray]],
+    negatives: list[tuple[int, int, int, int]],
+    cfg: TrainConfig,
+    pool: ChipPool,
+) -> None:
+    """Rebuild negative chips recorded in a checkpoint (their pixels are not stored)."""
+    from models.sniper import levels_for
+
+    sc = cfg.sampler
+    by_image: dict[int, list[tuple[int, int, int]]] = {}
+    for i, lvl, x0, y0 in negatives:
+        by_image.setdefault(i, []).append((lvl, x0, y0))
+    for i, chips in by_image.items():
+        path, boxes, classes = items[i]
+        img = _read_rgb(path)
+        levels = levels_for((img.shape[1], img.shape[0]), sc)
+        for lvl, x0, y0 in chips:
+            lv = levels[lvl]
+            chip, _, _ = crop_chip(resize_level(img, lv), x0, y0, sc.chip_size)
+            labels = chip_labels(lv, x0, y0, boxes, classes, sc)
+            pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg")
+
+
+def _save(
+    path: Path,
+    net: TinyDet,
+    opt: torch.optim.Optimizer,
+    step: int,
+    elapsed: float,
+    negatives: list[tuple[int, int, int, int]],
+    rng: np.random.Generator,
+) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "optim": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "negatives": negatives,
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def load_trained(path: Path) -> tuple[TinyDet, dict[str, Any]]:
+    """A trained net from ``model.pt`` (eval mode) and the saved metadata."""
+    ck = torch.load(path, weights_only=False, map_location="cpu")
+    net = TinyDet(NetConfig.model_validate(ck["net"]))
+    net.load_state_dict(ck["model"])
+    net.eval()
+    return net, ck

@@ -27,13 +27,14 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import BaseRoute, Match
 
 from service import metrics
 
@@ -67,9 +68,24 @@ def accept_request_id(value: str | None) -> str:
     return new_request_id()
 
 
-def route_template(scope: Scope) -> str:
-    """The matched route's path template, or ``UNMATCHED_ROUTE`` (404s must not mint label values)."""
-    route = scope.get("route")  # set by Starlette's router on a full or a method-only (405) match
+def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
+    """The matched route's path template, or ``UNMATCHED_ROUTE`` (404s must not mint label values).
+
+    Starlette's router records the route in ``scope["route"]`` (full or method-only match). A response
+    sent before routing (the API-key middleware's 401) has none, so ``routes`` are matched here the same
+    way: the first full match, else the first partial one.
+    """
+    route = scope.get("route")
+    if route is None:
+        partial = None
+        for candidate in routes:
+            match, _ = candidate.matches(scope)
+            if match == Match.FULL:
+                route = candidate
+                break
+            if match == Match.PARTIAL and partial is None:
+                partial = candidate
+        route = route or partial
     path = getattr(route, "path", None)
     return path if isinstance(path, str) and path else UNMATCHED_ROUTE
 
@@ -77,8 +93,9 @@ def route_template(scope: Scope) -> str:
 class ObservabilityMiddleware:
     """Pure ASGI middleware: request id, per-route metrics, access and error logs (see the module doc)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
+        self.routes = routes  # the app's live route list, for responses sent before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -119,7 +136,7 @@ class ObservabilityMiddleware:
                 scope.get("path", ""),
                 exc,
                 exc_info=exc,
-                extra={"route": route_template(scope), "status": status},
+                extra={"route": route_template(scope, self.routes), "status": status},
             )
             if response_started:
                 raise  # the status line is out; let the server close the connection
@@ -138,7 +155,7 @@ class ObservabilityMiddleware:
             await send_with_id({"type": "http.response.body", "body": body})
         finally:
             elapsed = time.perf_counter() - start
-            route = route_template(scope)
+            route = route_template(scope, self.routes)
             metrics.REQUESTS.labels(route=route, status=str(status)).inc()
             metrics.REQUEST_LATENCY.labels(route=route).observe(elapsed)
             access_log.info(
@@ -173,7 +190,7 @@ class ObservabilityMiddleware:
                 scope.get("path", ""),
                 exc,
                 exc_info=exc,
-                extra={"route": route_template(scope)},
+                extra={"route": route_template(scope, self.routes)},
             )
             raise
         finally:
@@ -185,7 +202,7 @@ class ObservabilityMiddleware:
                 extra={
                     "method": "WS",
                     "path": scope.get("path", ""),
-                    "route": route_template(scope),
+                    "route": route_template(scope, self.routes),
                     "duration_s": round(elapsed, 6),
                     "client": _client(scope),
                 },
@@ -338,5 +355,5 @@ def instrument(app: FastAPI, settings: Any) -> None:
     configure_logging(
         level=getattr(settings, "log_level", "INFO"), json_logs=bool(getattr(settings, "log_json", False))
     )
-    app.add_middleware(ObservabilityMiddleware)
+    app.add_middleware(ObservabilityMiddleware, routes=app.router.routes)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False, name="metrics")

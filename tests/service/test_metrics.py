@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -229,3 +231,10 @@ def test_check_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/x")
     with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR"):
         metrics.check_single_process(1)
+
+
+def test_operator_docs_table_matches_the_registry() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "operators.md").read_text()
+    documented = set(re.findall(r"^\| `(snipserve_\w+)` \|", docs, flags=re.M))
+    exposed = {name + ("_total" if fam.type == "counter" else "") for name, fam in families().items()}
+    assert documented == {n for n in exposed if n.startswith("snipserve_")}

@@ -294,3 +294,18 @@ def test_real_app_metrics_route_and_model_info(real_client: TestClient) -> None:
     assert families["snipserve_ready"].samples[0].value == 1.0
     assert families["snipserve_queue_capacity_chips"].samples[0].value > 0
     assert "/metrics" not in real_client.get("/openapi.json").json()["paths"]
+
+
+def test_real_app_401_before_routing_keeps_route_template_and_request_id() -> None:
+    from service.api import create_app
+    from service.settings import Settings
+
+    settings = Settings(engine="fake", warmup=False, api_key="s3cret")
+    before = sample("snipserve_requests_total", route="/v1/detect", status="401")
+    before_reason = sample("snipserve_rejections_total", reason="unauthorized")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/detect", content=b"x", headers={"X-Request-ID": "no-key"})
+        assert client.get("/metrics").status_code == 200  # scrapes need no key
+    assert response.status_code == 401 and response.headers["X-Request-ID"] == "no-key"
+    assert sample("snipserve_requests_total", route="/v1/detect", status="401") == before + 1
+    assert sample("snipserve_rejections_total", reason="unauthorized") == before_reason + 1

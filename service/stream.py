@@ -102,6 +102,14 @@ def _params(query: Mapping[str, str], config: StreamConfig) -> StreamParams:
     return params
 
 
+def checked_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:
+    """Options parsed and checked against the model (preset, classes) once for the whole stream or batch."""
+    options = parse_options(params, pipeline)
+    pipeline.levels_for(options)
+    pipeline.check_classes(options)
+    return options
+
+
 async def detect_one(state: State, data: bytes, options: DetectOptions, timeout: float | None) -> dict[str, Any]:
     """One image through the shared batcher -> the ``/v1/detect`` JSON body (timings in ms)."""
     t0 = time.perf_counter()
@@ -339,7 +347,7 @@ def stream_router(config: StreamConfig | None = None) -> APIRouter:
         try:
             params = _params(ws.query_params, config)
             pipeline = _pipeline(state)
-            options = parse_options(dict(ws.query_params), pipeline)
+            options = checked_options(ws.query_params, pipeline)
         except SnipserveError as exc:
             await _refuse(ws, exc)
             return
@@ -371,7 +379,7 @@ def stream_router(config: StreamConfig | None = None) -> APIRouter:
             if not uploads:
                 raise BadImage("multipart body has no file fields named 'files'")
             params = dict(request.query_params) | {k: v for k, v in form.items() if isinstance(v, str)}
-            options = parse_options(params, pipeline)
+            options = checked_options(params, pipeline)
             timeout = _params(params, config).timeout
         except SnipserveError:
             await form.close()

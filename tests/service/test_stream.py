@@ -70,7 +70,12 @@ async def test_bad_frame_is_an_error_reply_and_the_stream_stays_open() -> None:
 
 @pytest.mark.parametrize(
     ("query", "needle"),
-    [("score_threshold=2", "score_threshold"), ("window=100000", "window"), ("policy=newest", "policy")],
+    [
+        ("score_threshold=2", "score_threshold"),
+        ("window=100000", "window"),
+        ("policy=newest", "policy"),
+        ("preset=nope", "nope"),
+    ],
 )
 async def test_bad_connection_options_are_refused_with_a_message(query: str, needle: str) -> None:
     async with serve_in_loop(fake_app()) as base, websockets.connect(ws_url(base, query)) as ws:

@@ -5,10 +5,12 @@ Order of checks, cheapest first, so that hostile input costs almost nothing:
 1. byte limit (``len(data)``), before anything is parsed;
 2. format sniffed from the magic bytes: one of ours, a real format we do not accept (415), or not an
    image at all (400);
-3. header only (Pillow's format plugin, or ``tifffile`` for TIFF): width, height, orientation, bit depth;
-   the pixel limit is checked here, before any pixel buffer is allocated (decompression bombs);
-4. full decode with OpenCV, the faster decoder on the common path; Pillow is the fallback decoder
-   and the source of precise error messages when OpenCV refuses the data (truncated, corrupt).
+3. header only (Pillow's format plugin; ``tifffile`` for TIFF; a RIFF chunk walk for WebP): width,
+   height, orientation, bit depth; the pixel limit is checked here, before any pixel buffer is
+   allocated (decompression bombs);
+4. full decode with OpenCV, the faster decoder on the common path (JPEG, PNG, WebP, BMP); Pillow is
+   the fallback decoder and the source of precise error messages when OpenCV refuses the data
+   (truncated, corrupt). GIF and most TIFF are decoded by Pillow (see ``decode_image``, ``_decode_tiff``).
 
 Conversion rules (every path ends in RGB ``uint8``, C-contiguous):
 
@@ -20,8 +22,10 @@ Conversion rules (every path ends in RGB ``uint8``, C-contiguous):
 - float images whose finite values lie in ``[0, 1]`` are scaled by 255; other float and signed
   or 32-bit integer images are min-max normalised to ``[0, 255]``; NaN and ±inf become 0;
 - EXIF orientation (also the TIFF Orientation tag and XMP ``tiff:Orientation``) is applied once,
-  by this module; decoders are told to ignore it so it is never applied twice;
-- animated GIF/WebP: the first frame.
+  by this module; decoders never apply it (OpenCV gets ``IMREAD_IGNORE_ORIENTATION``; libtiff applies
+  the TIFF tag regardless, so it is reset to 1 in a copy of the bytes). Only a PNG ``eXIf`` chunk
+  before the image data counts (finding a later one costs a full decode);
+- animated GIF/WebP: the first frame (GIF is decoded by Pillow, see ``decode_image``).
 
 Bad bytes only ever raise :class:`~service.errors.BadImage` (400),
 :class:`~service.errors.UnsupportedMediaType` (415) or :class:`~service.errors.ImageTooLarge` (413).
@@ -55,12 +59,19 @@ from service.errors import BadImage, ImageTooLarge, SnipserveError, UnsupportedM
 
 ImageFormat = Literal["JPEG", "PNG", "TIFF", "WEBP", "BMP", "GIF"]
 
-# Benchmark behind the choice of OpenCV for the full decode (4000x3000 RGB, median of 15, 2 cores,
-# opencv-python-headless 5.0.0, Pillow 13.0.0; script: /tmp/decbench/bench.py, reproduced in the
-# commit message):
-#   JPEG q90  4.3 MB: cv2.imdecode  56.5 ms | Pillow open+load+asarray  79.3 ms
-#   PNG  c3  27.9 MB: cv2.imdecode 207.7 ms | Pillow open+load+asarray 232.0 ms
-# Pillow's header parse is ~20 µs for a JPEG, so it stays the prober (OpenCV has no header-only API).
+# Why OpenCV does the full decode: 4000x3000 RGB (gradients + noise), best of 21, 2 busy cores,
+# opencv-python-headless 5.0.0, Pillow 13.0.0 (Pillow = open + convert("RGB") + np.asarray):
+#   JPEG q95  6.4 MiB: cv2.imdecode  63-64 ms | Pillow  85-104 ms | decode_image  63-68 ms
+#   PNG      26.5 MiB: cv2.imdecode 145-155 ms | Pillow 167-173 ms | decode_image 144-149 ms
+# Pillow's header parse is ~20 us for a JPEG, so it stays the prober (OpenCV has no header-only API).
+# Reproduce from the repo root (prints cv2, Pillow, decode_image for JPEG then PNG):
+#   .venv/bin/python -c "import io,timeit,cv2,numpy as n;from PIL import Image;from service.decode import *
+#   y,x=n.mgrid[:3000,:4000];a=n.dstack([x/4000*255,y/3000*255,(n.sin(x/50)*n.cos(y/70)+1)*127])
+#   a=n.clip(a+n.random.default_rng(0).normal(0,12,a.shape),0,255).astype(n.uint8);F=cv2.IMREAD_COLOR_RGB
+#   t=lambda f:'%.0f ms'%(1e3*min(timeit.repeat(f,number=1,repeat=21)));P=lambda d:Image.open(io.BytesIO(d))
+#   for e,p in [('.jpg',[cv2.IMWRITE_JPEG_QUALITY,95]),('.png',[])]:
+#    d=cv2.imencode(e,a,p)[1].tobytes();print(e,t(lambda:cv2.imdecode(n.frombuffer(d,n.uint8),F)),
+#     t(lambda:n.asarray(P(d).convert('RGB'))),t(lambda:decode_image(d,DecodeConfig())))"
 _COLOR_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _RAW_FLAGS = cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
 
@@ -124,6 +135,8 @@ class _Header:
     info: ImageInfo
     stored_size: tuple[int, int]  # (width, height) before orientation
     raw: bool  # decode at native depth/channels and normalise here (TIFF, >8-bit PNG)
+    samples: int = 0  # TIFF: samples per pixel (0 = not read)
+    orientation_at: tuple[int, str] | None = None  # TIFF: file offset and byte order of the tag value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,26 +161,22 @@ def decode_image(data: bytes, config: DecodeConfig) -> NDArray[np.uint8]:
     header = _probe(data, config)
     fmt = header.info.format
     array: NDArray[np.uint8] | None
-    with _mapped_errors(fmt, "decode"):
-        decoded = cv2.imdecode(
-            np.frombuffer(data, dtype=np.uint8), _RAW_FLAGS if header.raw else _COLOR_FLAGS
-        )
-        if decoded is None:
-            array = None
-        elif header.raw:
-            array = _normalise(decoded, bgr=True)
-        else:
-            array = decoded.astype(np.uint8, copy=False)  # already (H, W, 3) uint8 RGB
-    if array is None or array.shape[:2] != header.stored_size[::-1]:
-        # OpenCV refused the data (truncated, corrupt, or a variant it lacks) or read another frame
-        # size than the header declares. Pillow either decodes it or raises an error that says what
-        # is wrong, which is what the client should read.
+    if fmt == "TIFF":
+        array = _decode_tiff(data, header)
+    elif fmt == "GIF":
+        # OpenCV paints transparent GIF pixels with the background colour; Pillow keeps the stored
+        # palette colour, which is the "alpha dropped" rule every other format follows.
         array = _decode_with_pillow(data, fmt)
+    else:
+        array = _decode_with_opencv(data, header)  # the faster decoder, see the benchmark above
+        if array is None or array.shape[:2] != header.stored_size[::-1]:
+            # OpenCV refused the data (truncated, corrupt, or a variant it lacks) or read another frame
+            # size than the header declares. Pillow either decodes it or raises an error that says
+            # what is wrong, which is what the client should read.
+            array = _decode_with_pillow(data, fmt)
     if array.shape[:2] != header.stored_size[::-1]:
         w, h = header.stored_size
-        raise BadImage(
-            f"{fmt} header declares {w}x{h} but the decoded pixels are {array.shape[1]}x{array.shape[0]}"
-        )
+        raise BadImage(f"{fmt} header declares {w}x{h} but the decoded pixels are {array.shape[1]}x{array.shape[0]}")
     if config.apply_exif_orientation:
         array = _orient(array, header.info.orientation)
     return np.ascontiguousarray(array)
@@ -187,7 +196,8 @@ def _probe(data: bytes, config: DecodeConfig) -> _Header:
     fmt = _sniff(data)
     with _mapped_errors(fmt, "read the header of"):
         if fmt == "TIFF":
-            (w, h), orientation, depth = _tiff_header(data)
+            tiff = _tiff_header(data)
+            (w, h), orientation, depth = tiff.size, tiff.orientation, tiff.bits
         elif fmt == "WEBP":
             (w, h), orientation, depth = _webp_header(data)
         else:
@@ -211,7 +221,9 @@ def _probe(data: bytes, config: DecodeConfig) -> _Header:
         bit_depth=depth,
         n_bytes=n,
     )
-    return _Header(info=info, stored_size=(w, h), raw=fmt == "TIFF" or depth > 8)
+    if fmt == "TIFF":
+        return _Header(info, (w, h), raw=True, samples=tiff.samples, orientation_at=tiff.orientation_at)
+    return _Header(info, (w, h), raw=depth > 8)
 
 
 def _sniff(data: bytes) -> ImageFormat:
@@ -233,19 +245,14 @@ def _sniff(data: bytes) -> ImageFormat:
         return "BMP"
     known = _known_unsupported(head)
     if known is not None:
-        raise UnsupportedMediaType(
-            f"{known} is not accepted; send JPEG, PNG, TIFF, WebP, BMP or GIF (first frame)"
-        )
+        raise UnsupportedMediaType(f"{known} is not accepted; send JPEG, PNG, TIFF, WebP, BMP or GIF (first frame)")
     if len(data) < 8 and any(data.startswith(m[: len(data)]) for m in _OUR_MAGICS):
         raise BadImage(f"image is truncated: only {len(data)} bytes ({data!r})")
     sample = data[:32]
     if _looks_like_text(data[:512]):
-        raise BadImage(
-            f"not an image: the body looks like text (starts with {sample.decode(errors='replace')!r})"
-        )
+        raise BadImage(f"not an image: the body looks like text (starts with {sample.decode(errors='replace')!r})")
     raise BadImage(
-        f"not an image: unrecognised leading bytes {sample[:16].hex(' ')} "
-        "(expected JPEG, PNG, TIFF, WebP, BMP or GIF)"
+        f"not an image: unrecognised leading bytes {sample[:16].hex(' ')} (expected JPEG, PNG, TIFF, WebP, BMP or GIF)"
     )
 
 
@@ -334,14 +341,28 @@ def _exif_orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) else 1
 
 
-def _tiff_header(data: bytes) -> tuple[tuple[int, int], int, int]:
-    """``((width, height), orientation, bits_per_sample)`` of the first TIFF page, from its IFD only."""
+@dataclass(frozen=True)
+class _TiffHeader:
+    size: tuple[int, int]
+    orientation: int
+    bits: int
+    samples: int
+    orientation_at: tuple[int, str] | None
+
+
+def _tiff_header(data: bytes) -> _TiffHeader:
+    """Size, orientation, bits and samples per pixel of the first TIFF page, from its IFD only."""
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         page = tif.pages.first
         tag = page.tags.get(274)
-        orientation = tag.value if tag is not None and isinstance(tag.value, int) else 1
-        bits = page.bitspersample
-        return (int(page.imagewidth), int(page.imagelength)), int(orientation), int(bits)
+        inline = tag is not None and isinstance(tag.value, int) and tag.count == 1
+        return _TiffHeader(
+            size=(int(page.imagewidth), int(page.imagelength)),
+            orientation=int(tag.value) if inline and tag is not None else 1,
+            bits=int(page.bitspersample),
+            samples=int(page.samplesperpixel),
+            orientation_at=(int(tag.valueoffset), tif.byteorder) if inline and tag is not None else None,
+        )
 
 
 def _webp_header(data: bytes) -> tuple[tuple[int, int], int, int]:
@@ -403,6 +424,61 @@ def _mapped_errors(fmt: str, action: str) -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------------
 # pixels
+
+
+def _decode_with_opencv(data: bytes, header: _Header) -> NDArray[np.uint8] | None:
+    """``(H, W, 3) uint8`` RGB from OpenCV, or None where OpenCV refuses the data."""
+    if header.info.format == "PNG" and not _png_chunks_complete(data):
+        # OpenCV 5.0 allocates what a chunk's length field claims before noticing the data is
+        # missing: a 137-byte PNG claiming a 2.6 GB IDAT took ~1 s and GBs of memory (found by fuzzing).
+        return None
+    with _mapped_errors(header.info.format, "decode"):
+        flags = _RAW_FLAGS if header.raw else _COLOR_FLAGS
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+        if decoded is None:
+            return None
+        if header.raw:
+            return _normalise(decoded, bgr=True)
+        return decoded.astype(np.uint8, copy=False)  # already (H, W, 3) uint8 RGB
+
+
+def _png_chunks_complete(data: bytes) -> bool:
+    """True if every PNG chunk fits inside ``data`` and IEND is reached (chunk headers only, no CRC)."""
+    pos, end = 8, len(data)
+    while pos + 12 <= end:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if length > end - pos - 12:
+            return False
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + length
+    return False
+
+
+def _decode_tiff(data: bytes, header: _Header) -> NDArray[np.uint8]:
+    """``(H, W, 3) uint8`` RGB of the first TIFF page, as stored (orientation not applied).
+
+    Both libtiff-based decoders apply the Orientation tag themselves (and ignore OpenCV's
+    ``IMREAD_IGNORE_ORIENTATION``), so it is reset to 1 in a copy of the bytes and applied once,
+    by ``_orient``, like for every other format. Pillow decodes 8-bit and single-channel pages (it keeps
+    unassociated alpha as stored; OpenCV's libtiff RGBA path premultiplies it); OpenCV decodes
+    multi-channel pages deeper than 8 bits, which Pillow truncates (16-bit RGB) or cannot open (float RGB).
+    """
+    if header.orientation_at is not None and header.info.orientation != 1:
+        offset, byteorder = header.orientation_at
+        upright = bytearray(data)
+        upright[offset : offset + 2] = (1).to_bytes(2, "little" if byteorder == "<" else "big")
+        data = bytes(upright)
+    if header.info.bit_depth <= 8 or header.samples == 1:
+        try:
+            return _decode_with_pillow(data, "TIFF")
+        except SnipserveError:
+            array = _decode_with_opencv(data, header)
+            if array is None:
+                raise
+            return array
+    array = _decode_with_opencv(data, header)
+    return array if array is not None else _decode_with_pillow(data, "TIFF")
 
 
 def _decode_with_pillow(data: bytes, fmt: str) -> NDArray[np.uint8]:

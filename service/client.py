@@ -277,7 +277,10 @@ class Client:
 
     def models(self) -> dict[str, Any]:
         """The ``/v1/models`` body (model card and engine)."""
-        response = self._http.get("/v1/models")
+        try:
+            response = self._http.get("/v1/models")
+        except httpx.HTTPError as exc:
+            raise _connection_error(exc) from exc
         raise_for_error(response)
         body: dict[str, Any] = response.json()
         return body
@@ -431,7 +434,11 @@ class AsyncClient:
             raise _connection_error(exc) from exc
 
     async def models(self) -> dict[str, Any]:
-        response = await self._http.get("/v1/models")
+        """The ``/v1/models`` body (model card and engine)."""
+        try:
+            response = await self._http.get("/v1/models")
+        except httpx.HTTPError as exc:
+            raise _connection_error(exc) from exc
         raise_for_error(response)
         body: dict[str, Any] = response.json()
         return body

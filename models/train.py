@@ -75,6 +75,9 @@ class TrainConfig(BaseModel):
     mining_step: int = Field(default=2500, ge=0, description="Mine negative chips after this many steps (0 = never).")
     mining_images: int = Field(default=200, ge=0, description="Training images scanned for negative chips.")
     checkpoint_every: int = Field(default=500, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(
+        default=20, ge=1, description="Steps between lines of <out>/log.jsonl (step 1 is logged too)."
+    )
     time_budget_minutes: float | None = Field(
         default=None,
         gt=0,
@@ -393,7 +396,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
         step += 1
-        if step % 20 == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == 1:
             now = time.perf_counter()
             rec = {
                 "step": step,
@@ -413,6 +416,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             elapsed += now - t_last
             t_last = now
             _save(ckpt_path, net, opt, step, elapsed, negatives, rng)
+    log.close()
     if bar is not None:
         bar.close()
     elapsed += time.perf_counter() - t_last

@@ -1,0 +1,76 @@
+"""Evaluation: mode -> options mapping, COCO scoring, reports; end to end with the shipped model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.evaluate import EvalConfig, coco_scores, markdown_table, mode_options, recall_at_iou, write_reports
+from models.synth import SynthConfig, coco_dict, generate_image, write_dataset
+from service.plan import LevelSpec
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "snipserve_default.onnx"
+
+
+def test_mode_options() -> None:
+    cfg = EvalConfig()
+    single = mode_options("single", 256, cfg)
+    assert single.levels == (LevelSpec(long_side=256, valid=(-1, None)),) and single.merge.method == "hard"
+    slices = mode_options("slices", 256, cfg)
+    assert slices.levels == (
+        LevelSpec(scale=1.0, valid=(-1, None), overlap=0.2),
+        LevelSpec(long_side=256, valid=(-1, None)),
+    )
+    assert slices.merge.method == "hard" and slices.merge.iou_threshold == 0.5 and not slices.edge_filter
+    pyramid = mode_options("pyramid", 256, cfg)
+    assert pyramid.levels is None and pyramid.preset == "default" and pyramid.merge.method == "gaussian"
+    for o in (single, slices, pyramid):
+        assert o.score_threshold == 1e-3 and o.max_detections == 100
+    with pytest.raises(ValueError, match="unknown mode"):
+        mode_options("tiles", 256, cfg)  # type: ignore[arg-type]
+
+
+def test_coco_scores_perfect_and_empty() -> None:
+    pytest.importorskip("pycocotools", reason="needs the train extra (pycocotools)")
+    ims = [generate_image(SynthConfig(min_long_side=300, max_long_side=400), 2, i) for i in range(2)]
+    gt = coco_dict(ims, 2, SynthConfig())
+    dets = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ]
+    perfect = coco_scores(gt, dets)
+    assert perfect["AP"] == pytest.approx(1.0) and perfect["AP50"] == pytest.approx(1.0)
+    assert coco_scores(gt, [])["AP"] == 0.0
+
+
+def test_recall_at_iou() -> None:
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    det = np.array([[1, 1, 10, 10], [20, 20, 30, 30]], np.float32)
+    assert recall_at_iou(gt, np.array([0, 1]), det, np.array([0, 0])) == (1, 2)  # class must match
+    assert recall_at_iou(gt, np.array([0, 1]), det, np.array([0, 1])) == (2, 2)
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_with_shipped_model(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime", reason="needs the cpu extra (onnxruntime)")
+    pytest.importorskip("pycocotools", reason="needs the train extra (pycocotools)")
+    pytest.importorskip("matplotlib", reason="needs the train extra (matplotlib)")
+    from service.cli import main
+
+    write_dataset(tmp_path / "d", 2, seed=31, cfg=SynthConfig(min_long_side=500, max_long_side=700))
+    out = tmp_path / "r" / "eval.json"
+    args = ["eval", "--data", str(tmp_path / "d"), "--model", str(MODEL), "--mode", "all", "--json", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"single", "slices", "pyramid"}
+    for r in res["modes"].values():
+        for k in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "chips_per_image", "images_per_second"):
+            assert isinstance(r[k], float | int) and r[k] >= 0
+    assert res["modes"]["single"]["chips_per_image"] == 1
+    assert (tmp_path / "r" / "eval.md").read_text().count("\n") == 5
+    assert (tmp_path / "r" / "eval_ap_by_size.png").stat().st_size > 1000
+    assert markdown_table(res).startswith("| mode |")
+    assert len(write_reports(res, None, tmp_path / "again")) == 2

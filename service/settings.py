@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")
     # input limits
-    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="Largest accepted upload in bytes (413).")
-    max_image_pixels: int = Field(default=64_000_000, ge=1, description="Largest accepted image in pixels (413).")
+    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest accepted upload in bytes (413).")
+    max_image_pixels: int = Field(default=64_000_000, ge=1, le=2**30, description="Largest accepted image in pixels (413).")
     max_chips: int = Field(default=4096, ge=1, description="Largest chip plan for one image (422).")
     # server
     host: str = Field(default="127.0.0.1", description="Bind address for `snipserve serve`.")

@@ -147,3 +147,26 @@ def test_deadline_is_504() -> None:
     with TestClient(app) as c:
         r = post_raw(c, encode(blob_image(128, 128, [])), "?timeout=0.1")
         assert r.status_code == 504 and "0.1 s" in r.json()["error"]["message"]
+
+
+def test_engine_error_is_500_and_service_stays_ready() -> None:
+    from service.engine import FakeEngine
+
+    calls = {"n": 0}
+
+    def fail_first(batch: np.ndarray) -> None:
+        if not batch.any():
+            return  # warm-up batches are zeros
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    app = create_app(Settings(engine="fake", warmup=True), engine_factory=lambda s: FakeEngine(fail=fail_first))
+    with TestClient(app) as c:
+        img = encode(blob_image(128, 128, [(10, 10, 30, 30, 0)]))
+        r = post_raw(c, img)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        assert "illegal memory access" in r.json()["error"]["message"]
+        assert c.get("/readyz").status_code == 200
+        r = post_raw(c, img)
+        assert r.status_code == 200 and len(r.json()["detections"]) == 1

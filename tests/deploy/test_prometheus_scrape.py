@@ -7,6 +7,7 @@ temporary TSDB on another free loopback port. Every loop is bounded; both are al
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import socket
@@ -86,39 +87,64 @@ def prometheus(prometheus_bin: str, service: str, tmp_path_factory: pytest.TempP
             }
         )
     )
-    port = free_port()
-    log = (work / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [
-            prometheus_bin,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=work,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_prometheus(prometheus_bin, work)
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, (work / "prometheus.log").read_text()
-            response = httpx.get(f"{url}/-/ready", timeout=1)
-            # Check it is *our* Prometheus answering (another process could have taken the port).
-            return response.status_code == 200 and "Prometheus" in response.text and proc.poll() is None
-
-        wait_for("Prometheus to be ready", ready, 30)
         yield url
     finally:
-        proc.terminate()
+        stop(proc)
+
+
+class PrometheusExited(Exception):
+    """The server process ended while we waited for it (its log is the message)."""
+
+
+def start_prometheus(binary: str, work: Path, attempts: int = 3) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Prometheus on a free loopback port; retry on a new port if another process took it first."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        log_path = work / f"prometheus-{attempt}.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={work / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={work / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=work,
+            )
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+            wait_for(f"Prometheus on port {port} to be ready", functools.partial(ready, proc, url, log_path), 30)
+            return proc, url
+        except PrometheusExited as exc:
+            stop(proc)
+            if "address already in use" not in str(exc) or attempt == attempts:
+                raise AssertionError(f"prometheus exited (exit {proc.returncode}):\n{exc}") from None
+        except BaseException:
+            stop(proc)
+            raise
+    raise AssertionError("unreachable")
+
+
+def ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> bool:
+    if proc.poll() is not None:
+        raise PrometheusExited(log_path.read_text())
+    response = httpx.get(f"{url}/-/ready", timeout=1)
+    # Check it is *our* Prometheus answering (another process could have taken the port).
+    return response.status_code == 200 and "Prometheus" in response.text and proc.poll() is None
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 class NotReady(httpx.HTTPError):

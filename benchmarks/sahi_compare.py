@@ -154,7 +154,8 @@ def sahi_method(name: str, engine: OnnxRuntimeEngine, args: argparse.Namespace, 
 
     def detect(image: np.ndarray) -> Boxes:
         result = get_sliced_prediction(
-            image, model, slice_height=c, slice_width=c, overlap_height_ratio=args.overlap, overlap_width_ratio=args.overlap,
+            image, model, slice_height=c, slice_width=c,
+            overlap_height_ratio=args.overlap, overlap_width_ratio=args.overlap,
             perform_standard_pred=True, postprocess_type="NMS", postprocess_match_metric="IOU",
             postprocess_match_threshold=0.5, verbose=0, batch_size=batch, force_postprocess_type=True,
         )  # fmt: skip

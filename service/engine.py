@@ -136,7 +136,7 @@ class OnnxRuntimeEngine:
         return [np.asarray(o) for o in outs]
 
     def close(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        vars(self).pop("session", None)  # idempotent; ORT frees the session with its last reference
 
 
 FAKE_CARD = ModelCard(

@@ -235,7 +235,7 @@ def levels_for_object_range(
         raise PlanError(f"need 0 < min_object_size < max_object_size, got {min_size} and {max_size}")
     lo_c, hi_c = sweet_spot
     step = max(hi_c / lo_c / 1.25, 1.25)
-    specs = []
+    specs: list[LevelSpec] = []
     s = min(max_scale, lo_c / min_size)
     while True:
         s = max(s, min_scale)
@@ -253,4 +253,4 @@ def valid_mask(boxes: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``bool [N]``: ``lo**2 < w*h <= hi**2`` for ``boxes`` ``float32 [N, 4]`` xyxy in original pixels."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     lo2 = -INF if lo < 0 else lo * lo
-    return (area > lo2) & (area <= hi * hi)
+    return np.asarray((area > lo2) & (area <= hi * hi))

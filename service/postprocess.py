@@ -54,7 +54,7 @@ def inner_edge_mask(dets: ChipDetections, plan: ChipPlan) -> np.ndarray:
         | ((x0 + c < lw) & (b[:, 2] >= c - m))
         | ((y0 + c < lh) & (b[:, 3] >= c - m))
     )
-    return ~cut
+    return np.asarray(~cut)
 
 
 def to_image(dets: ChipDetections, plan: ChipPlan) -> Detections:
@@ -82,7 +82,7 @@ def valid_range_mask(dets: Detections, plan: ChipPlan) -> np.ndarray:
     b = dets.boxes.astype(np.float64)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     lo2 = np.where(lo < 0, -np.inf, lo * lo)
-    return (area > lo2) & (area <= hi * hi) & (area > 0)
+    return np.asarray((area > lo2) & (area <= hi * hi) & (area > 0))
 
 
 def merge(dets: Detections, config: MergeConfig, score_threshold: float, max_detections: int) -> Detections:

@@ -35,7 +35,7 @@ def box_iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def decay(iou: np.ndarray, method: Method, sigma: float, iou_threshold: float) -> np.ndarray:
     """Score multipliers ``float64 [N]`` for overlaps ``iou`` ``[N]``."""
     if method == "gaussian":
-        return np.exp(-(iou * iou) / sigma)
+        return np.asarray(np.exp(-(iou * iou) / sigma))
     if method == "linear":
         return np.where(iou > iou_threshold, 1.0 - iou, 1.0)
     return np.where(iou > iou_threshold, 0.0, 1.0)

@@ -100,16 +100,19 @@ def is_video(path: Path) -> bool:
 def image_refs(inputs: Iterable[Path]) -> list[FrameRef]:
     """Image files given directly, and those under given directories (recursive, sorted by relative path).
 
-    Raises ``FileNotFoundError`` for an input that does not exist."""
+    Frame ids are paths relative to their directory (files given directly: the path as given); if two
+    inputs would share an id, every id is the full path instead. Raises ``FileNotFoundError`` for an input that does not exist."""
     found: list[tuple[str, Path]] = []
     for item in inputs:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = [p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
             found.extend((str(p.relative_to(item)), p) for p in sorted(files, key=lambda p: p.relative_to(item).parts))
         elif item.is_file():
             found.append((str(item), item))
         else:
             raise FileNotFoundError(f"no such file or directory: {item}")
+    if len({fid for fid, _ in found}) < len(found):  # e.g. two directories holding the same names
+        found = [(str(p), p) for _, p in found]
     return [FrameRef(frame=fid, image_id=i, source=str(p), path=p) for i, (fid, p) in enumerate(found)]
 
 

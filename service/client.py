@@ -417,6 +417,10 @@ class AsyncClient:
         body: list[dict[str, Any]] = (await self._post_image(image, params)).json()
         return body
 
+    async def render(self, image: ImageInput, **options: OptionValue) -> bytes:
+        """JPEG bytes of the image with the boxes drawn by the server."""
+        return (await self._post_image(image, option_params(options) | {"format": "jpeg"})).content
+
     async def detect_batch(self, images: Sequence[ImageInput], **options: OptionValue) -> AsyncIterator[BatchItem]:
         """One :class:`BatchItem` per image, in completion order (``item.index`` is the input position)."""
         try:

@@ -102,12 +102,13 @@ async def test_async_client_detect_batch_and_stream() -> None:
         assert await client.ready()
         result = await client.detect(frame(3))
         coco = await client.detect_coco(frame(1), image_id="9")
+        jpeg = await client.render(frame(1))
         items = [item async for item in client.detect_batch([frame(1), frame(2)])]
         replies = [r async for r in client.stream(frames(), window=3)]
         sync_source = [r async for r in client.stream([(frame(2), None)] * 3, policy="drop_oldest", window=8)]
         with pytest.raises(SnipserveClientError) as info:
             await client.detect(b"junk")
-    assert len(result.detections) == 3 and coco[0]["image_id"] == 9
+    assert len(result.detections) == 3 and coco[0]["image_id"] == 9 and jpeg[:2] == b"\xff\xd8"
     assert sorted(i.index for i in items) == [0, 1]
     assert [r.seq for r in replies] == list(range(6)) and [r.meta["i"] for r in replies] == list(range(6))
     assert [len(r.result.detections) for r in replies if r.result] == [1, 2, 3, 1, 2, 3]

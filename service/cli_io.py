@@ -101,7 +101,8 @@ def image_refs(inputs: Iterable[Path]) -> list[FrameRef]:
     """Image files given directly, and those under given directories (recursive, sorted by relative path).
 
     Frame ids are paths relative to their directory (files given directly: the path as given); if two
-    inputs would share an id, every id is the full path instead. Raises ``FileNotFoundError`` for an input that does not exist."""
+    inputs would share an id, every id is the full path instead.
+    Raises ``FileNotFoundError`` for an input that does not exist."""
     found: list[tuple[str, Path]] = []
     for item in inputs:
         if item.is_dir():

@@ -1,8 +1,8 @@
 """Request ids, per-route metrics, structured access/error logs and ``GET /metrics``.
 
 ``instrument(app, settings)`` is called once by ``create_app()``. It installs one pure-ASGI middleware
-(not ``BaseHTTPMiddleware``, which buffers streaming responses and runs the endpoint in another task)
-that, for every HTTP request:
+(not ``BaseHTTPMiddleware``, which runs the app in another task and re-streams every body) that, for
+every HTTP request:
 
 1. takes the client's ``X-Request-ID`` when it is sane (1-128 of ``A-Z a-z 0-9 . _ : -``), else makes
    one (32 hex chars), puts it in ``request_id_var`` for handlers and log records, and returns it in the
@@ -11,7 +11,8 @@ that, for every HTTP request:
    ``snipserve_request_duration_seconds{route}`` until the last body byte is sent, with the route
    *template* (``/v1/models/{name}``), or ``<unmatched>`` for paths no route knows, so label values stay
    bounded whatever clients send;
-3. writes one access-log record (logger ``snipserve.access``) and, for an exception no handler mapped,
+3. writes one access-log record (logger ``snipserve.access``; DEBUG for successful probes and scrapes,
+   INFO otherwise) and, for an exception no handler mapped,
    one error record with the traceback (logger ``snipserve.error``) and a JSON 500 carrying the id.
 
 WebSocket connections get a request id and logs too, but no HTTP metrics.
@@ -46,6 +47,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 UNMATCHED_ROUTE = "<unmatched>"
+# Probes and scrapes arrive every few seconds: their successful access records go out at DEBUG.
+QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("snipserve_request_id", default=None)
 """The current request's id, or ``None`` outside a request (startup, the batcher's own task)."""
@@ -158,7 +161,8 @@ class ObservabilityMiddleware:
             route = route_template(scope, self.routes)
             metrics.REQUESTS.labels(route=route, status=str(status)).inc()
             metrics.REQUEST_LATENCY.labels(route=route).observe(elapsed)
-            access_log.info(
+            access_log.log(
+                logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO,
                 "%s %s %d %.1fms",
                 scope.get("method", ""),
                 scope.get("path", ""),

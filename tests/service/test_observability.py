@@ -309,3 +309,12 @@ def test_real_app_401_before_routing_keeps_route_template_and_request_id() -> No
     assert response.status_code == 401 and response.headers["X-Request-ID"] == "no-key"
     assert sample("snipserve_requests_total", route="/v1/detect", status="401") == before + 1
     assert sample("snipserve_rejections_total", reason="unauthorized") == before_reason + 1
+
+
+def test_successful_scrapes_are_logged_at_debug_only() -> None:
+    app, stream = make_app()
+    with TestClient(app) as client:
+        client.get("/metrics")
+        client.get("/items/q")
+    routes = [r["route"] for r in json_lines(stream) if r["logger"] == "snipserve.access"]
+    assert routes == ["/items/{item_id}"]

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-long-side", type=int, default=2000, help="largest synthetic image side")
     parser.add_argument("--max-batch", type=int, default=8, help="engine batch size")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads spin (SNIPSERVE_ORT_SPIN)")
     parser.add_argument("--engine-seconds", type=float, default=10.0, help="time for the engine-only measurement")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent HTTP clients")
     parser.add_argument("--http-seconds", type=float, default=30.0, help="time for the HTTP measurement")
@@ -67,7 +68,7 @@ def bench_pipeline(pipeline: Any, images: list[np.ndarray]) -> tuple[float, floa
 
 
 def bench_http(
-    model: Path | None, images: list[bytes], concurrency: int, seconds: float, max_batch: int, threads: int
+    model: Path | None, images: list[bytes], concurrency: int, seconds: float, max_batch: int, threads: int, spin: bool
 ) -> dict[str, Any]:
     """Images/s of the real HTTP service (a `snipserve serve` process) under ``concurrency`` closed-loop clients."""
     import os
@@ -86,6 +87,7 @@ def bench_http(
         "SNIPSERVE_MAX_BATCH": str(max_batch),
         "SNIPSERVE_INTRA_OP_THREADS": str(threads),
         "SNIPSERVE_LOG_LEVEL": "warning",
+        "SNIPSERVE_ORT_SPIN": "true" if spin else "false",
     }
     if model is not None:
         env["SNIPSERVE_MODEL_PATH"] = str(model)
@@ -153,12 +155,13 @@ def run(args: argparse.Namespace) -> int:
     from service.decode import DecodeConfig, decode_image
 
     decoded = [decode_image(j, DecodeConfig()) for j in jpegs]
-    pipeline = Pipeline.load(model, EngineConfig(max_batch=args.max_batch, intra_op_threads=args.threads))
+    engine_config = EngineConfig(max_batch=args.max_batch, intra_op_threads=args.threads, spin=args.spin)
+    pipeline = Pipeline.load(model, engine_config)
     engine_cps = bench_engine(pipeline, args.engine_seconds)
     pipe_ips, chips_per_image, stages = bench_pipeline(pipeline, decoded)
     limit = engine_cps / chips_per_image
     pipeline.engine.close()
-    http = bench_http(args.model, jpegs, args.concurrency, args.http_seconds, args.max_batch, args.threads)
+    http = bench_http(args.model, jpegs, args.concurrency, args.http_seconds, args.max_batch, args.threads, args.spin)
     result = {
         "model": str(model),
         "images": len(jpegs),

@@ -48,6 +48,11 @@ class EngineConfig(BaseModel):
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = one per core).")
     inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
     max_batch: int = Field(default=8, ge=1, le=1024, description="Largest batch one engine call takes.")
+    spin: bool = Field(
+        default=False,
+        description="Let ONNX Runtime's intra-op threads spin between calls. Off: pre/post-processing threads "
+        "share the cores with inference, and spinning threads would steal them (see README, benchmarks).",
+    )
     fp16: bool = Field(default=False, description="FP16 for the TensorRT EP.")
     trt_cache_dir: Path | None = Field(default=None, description="TensorRT EP engine cache directory.")
 
@@ -98,6 +103,7 @@ class OnnxRuntimeEngine:
         so.intra_op_num_threads = config.intra_op_threads
         so.inter_op_num_threads = config.inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for bad files

@@ -23,7 +23,9 @@ from service.security import resolve_model_path
 def default_model_path() -> Path:
     """The shipped default detector, ``models/snipserve_default.onnx`` (found via the ``models`` package)."""
     spec = importlib.util.find_spec("models")
-    base = Path(spec.origin).parent if spec is not None and spec.origin else Path(__file__).resolve().parents[1] / "models"
+    base = (
+        Path(spec.origin).parent if spec is not None and spec.origin else Path(__file__).resolve().parents[1] / "models"
+    )
     return base / "snipserve_default.onnx"
 
 
@@ -34,27 +36,39 @@ class Settings(BaseSettings):
 
     # model and engine
     models_dir: Path = Field(
-        default_factory=lambda: default_model_path().parent, description="Model files must resolve inside this directory."
+        default_factory=lambda: default_model_path().parent, description="Model files must resolve inside it."
     )
     model_path: Path = Field(default_factory=default_model_path, description="ONNX model to serve (inside models_dir).")
     engine: Literal["onnxruntime", "tensorrt", "fake"] = Field(default="onnxruntime", description="Engine backend.")
-    providers: Annotated[tuple[Provider, ...], NoDecode] = Field(default=("cpu",), description="ONNX Runtime providers, priority order (comma list).")
-    allow_cpu_fallback: bool = Field(default=False, description="Accept CPU when a requested GPU provider is unavailable.")
+    providers: Annotated[tuple[Provider, ...], NoDecode] = Field(
+        default=("cpu",), description="ONNX Runtime providers, priority order (comma list)."
+    )
+    allow_cpu_fallback: bool = Field(
+        default=False, description="Accept CPU when a requested GPU provider is unavailable."
+    )
     intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
     inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
     fp16: bool = Field(default=False, description="FP16 where the engine supports it (TensorRT).")
+    ort_spin: bool = Field(default=False, description="Let ONNX Runtime threads spin between calls (see README).")
     # batching and admission
     max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
     max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")
     queue_capacity: int = Field(default=4096, ge=1, description="Queued chips at most; beyond it 503 + Retry-After.")
-    bulk_queue_capacity: int = Field(default=1024, ge=1, description="Queued streaming/batch chips at most (own budget).")
-    pipeline_depth: int = Field(default=2, ge=1, le=8, description="Engine batches in flight (crop overlaps inference).")
+    bulk_queue_capacity: int = Field(default=1024, ge=1, description="Queued streaming/batch chips at most.")
+    pipeline_depth: int = Field(
+        default=2, ge=1, le=8, description="Engine batches in flight (crop overlaps inference)."
+    )
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
+    bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")
     # input limits
-    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest accepted upload in bytes (413).")
-    max_image_pixels: int = Field(default=64_000_000, ge=1, le=2**30, description="Largest accepted image in pixels (413).")
+    max_image_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest accepted upload in bytes (413)."
+    )
+    max_image_pixels: int = Field(
+        default=64_000_000, ge=1, le=2**30, description="Largest accepted image in pixels (413)."
+    )
     max_chips: int = Field(default=4096, ge=1, description="Largest chip plan for one image (422).")
     # server
     host: str = Field(default="127.0.0.1", description="Bind address for `snipserve serve`.")
@@ -62,10 +76,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(default=True, description="Run warm-up batches before reporting ready.")
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
     log_json: bool = Field(default=False, description="Structured JSON logs.")
-    shutdown_timeout_s: float = Field(default=30.0, gt=0, description="On SIGTERM, wait this long for in-flight requests.")
+    shutdown_timeout_s: float = Field(default=30.0, gt=0, description="On SIGTERM, wait this long for in-flight work.")
     # security
-    api_key: SecretStr | None = Field(default=None, description="If set, required on every route but health and metrics.")
-    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description="CORS allow-list (comma list); empty = off.")
+    api_key: SecretStr | None = Field(default=None, description="If set, required on all routes but health/metrics.")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description="CORS allow-list; empty = off.")
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -96,6 +110,7 @@ class Settings(BaseSettings):
             inter_op_threads=self.inter_op_threads,
             max_batch=self.max_batch,
             fp16=self.fp16,
+            spin=self.ort_spin,
         )
 
     def batcher_config(self) -> BatcherConfig:

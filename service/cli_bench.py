@@ -178,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"chips per image            {chips_per_image:10.1f}")
     print(f"engine (full batches)      {engine_cps:10.1f} chips/s  -> limit {limit:.3f} images/s")
     print(f"pipeline (in-process)      {pipe_ips:10.3f} images/s  ratio {pipe_ips / limit:.3f}")
+    http_ips = http["images_per_s"]
     print(
-        f"HTTP ({args.concurrency} clients)         {http['images_per_s']:10.3f} images/s  ratio {http['images_per_s'] / limit:.3f}"
+        f"HTTP ({args.concurrency} clients)".ljust(27) + f"{http_ips:10.3f} images/s  ratio {http_ips / limit:.3f}"
         f"  p50 {http['latency_p50_s']:.2f} s  p99 {http['latency_p99_s']:.2f} s"
     )
     print("per-stage mean, in-process (ms):  " + "  ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items()))

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="results of `snipserve eval --json` to store in the card's evaluation field",
     )
+    parser.add_argument(
+        "--parity-data",
+        type=Path,
+        default=None,
+        help="COCO folder whose first images give real chips for the parity check",
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - torch|")
 
@@ -41,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     evaluation = json.loads(args.eval_json.read_text()) if args.eval_json else None
     cfg = OnnxExportConfig(opset=args.opset, tolerance=args.tolerance)
     try:
-        report = export_onnx(args.weights, args.out, cfg, evaluation=evaluation, name=args.name)
+        report = export_onnx(
+            args.weights, args.out, cfg, evaluation=evaluation, name=args.name, parity_data=args.parity_data
+        )
     except ParityError as exc:
         print(f"export failed parity: {exc}", file=sys.stderr)
         return 1

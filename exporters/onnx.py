@@ -7,7 +7,8 @@ dynamic batch ``B`` and returns, in this order, ``heatmap`` ``float32 [B, K, C/4
 (``snipserve.card``), so the file alone is a servable model.
 
 Parity: ONNX Runtime (CPU EP) and PyTorch run the same chips (random and, when given, real ones); the
-largest absolute difference over both outputs is reported and must not exceed ``tolerance``.
+largest absolute difference is reported and must not exceed ``tolerance`` (see :class:`Parity` for how
+peak suppression's near-ties are treated: counted, reported, and required to be rounding-level ties).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class OnnxExportConfig(BaseModel):
     opset: int = Field(default=17, ge=13, le=21, description="ONNX opset version.")
     parity_batch: int = Field(default=4, ge=1, description="Chips per parity batch (a second batch uses 1 chip).")
     tolerance: float = Field(default=1e-4, gt=0, description="Largest allowed |onnx - torch| over both outputs.")
+    tie_tolerance: float = Field(
+        default=1e-5, gt=0, description="A peak flip is accepted only at a near-tie closer than this (probability)."
+    )
     seed: int = Field(default=0, description="Seed of the random parity chips.")
 
 
@@ -44,18 +48,26 @@ class ExportReport:
     """What the export produced and how well ONNX Runtime matches PyTorch."""
 
     path: Path
-    max_abs_diff: float
-    max_abs_diff_heatmap: float
-    max_abs_diff_ltrb: float
-    batches_checked: tuple[int, ...]
+    parity: Parity
     size_bytes: int
     card: ModelCard
 
+    @property
+    def max_abs_diff(self) -> float:
+        """The gated number: max |diff| over ltrb and the heatmap cells both runtimes keep/drop alike."""
+        return max(self.parity.heatmap, self.parity.ltrb)
+
+    @property
+    def batches_checked(self) -> tuple[int, ...]:
+        return self.parity.batches
+
     def summary(self) -> str:
+        p = self.parity
         return (
-            f"{self.path}: {self.size_bytes / 1e6:.2f} MB; parity vs PyTorch on batches {list(self.batches_checked)}: "
-            f"max |diff| = {self.max_abs_diff:.3g} (heatmap {self.max_abs_diff_heatmap:.3g}, "
-            f"ltrb {self.max_abs_diff_ltrb:.3g})"
+            f"{self.path}: {self.size_bytes / 1e6:.2f} MB; parity vs PyTorch on batches {list(p.batches)}: "
+            f"max |diff| = {self.max_abs_diff:.3g} (heatmap {p.heatmap:.3g}, ltrb {p.ltrb:.3g}); "
+            f"peak flips at near-ties: {p.peak_flips} of {p.cells} cells (largest tie gap {p.max_tie_gap:.2g}, "
+            f"heatmap max |diff| with flips {p.heatmap_all_cells:.3g})"
         )
 
 
@@ -143,10 +155,40 @@ def attach_card(path: Path, card: ModelCard) -> None:
     onnx.save(model, str(path))
 
 
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime vs PyTorch on the same chips.
+
+    3x3 peak suppression is discontinuous: where a cell and a neighbour differ by a rounding error, the two
+    runtimes may keep different cells (a "peak flip"). So the heatmap is compared where both runtimes made
+    the same keep/drop decision, every flip must be such a near-tie (``max_tie_gap``: the reference's
+    |cell - best neighbour| before suppression), and the flips are counted and reported.
+    """
+
+    heatmap: float  # max |diff| of heatmap where both runtimes agree on keep/drop
+    ltrb: float  # max |diff| of ltrb, all cells
+    heatmap_all_cells: float  # max |diff| of heatmap including peak flips
+    peak_flips: int
+    cells: int
+    max_tie_gap: float
+    batches: tuple[int, ...]
+
+
+def _tie_gaps(raw: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """|value - max of the 3x3 neighbours| of ``raw`` ``[B, K, h, w]`` at ``cells`` ``[N, 4]`` indices."""
+    padded = np.pad(raw, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    gaps = []
+    for b, k, y, x in cells.tolist():
+        win = padded[b, k, y : y + 3, x : x + 3].copy()
+        win[1, 1] = -np.inf
+        gaps.append(abs(float(raw[b, k, y, x]) - float(win.max())))
+    return np.asarray(gaps, np.float64)
+
+
 def check_parity(
     module: Any, path: Path, chip: int, cfg: OnnxExportConfig, real_chips: np.ndarray | None = None
-) -> tuple[float, float, tuple[int, ...]]:
-    """Max |diff| of (heatmap, ltrb) between ONNX Runtime and PyTorch; ``real_chips`` ``float32 [N,3,C,C]``."""
+) -> Parity:
+    """Compare ONNX Runtime with PyTorch on random chips and ``real_chips`` ``float32 [N, 3, C, C]``."""
     import onnxruntime as ort
     import torch
 
@@ -158,15 +200,25 @@ def check_parity(
     ]
     if real_chips is not None and real_chips.shape[0]:
         batches.append(real_chips.astype(np.float32))
-    d_heat = d_ltrb = 0.0
+    d_heat = d_all = d_ltrb = gap = 0.0
+    flips = cells = 0
     module.eval()
     for x in batches:
         with torch.no_grad():
-            ref = [t.numpy() for t in module(torch.from_numpy(x))]
+            t = torch.from_numpy(x)
+            ref = [o.numpy() for o in module(t)]
+            raw = torch.sigmoid(module.net(t)[0]).numpy()
         got = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        d_heat = max(d_heat, float(np.abs(got[0] - ref[0]).max()))
+        diff = np.abs(got[0] - ref[0])
+        flip = (got[0] > 0) != (ref[0] > 0)
+        d_all = max(d_all, float(diff.max()))
+        d_heat = max(d_heat, float(diff[~flip].max()))
         d_ltrb = max(d_ltrb, float(np.abs(got[1] - ref[1]).max()))
-    return d_heat, d_ltrb, tuple(int(b.shape[0]) for b in batches)
+        if flip.any():
+            gap = max(gap, float(_tie_gaps(raw, np.argwhere(flip)).max()))
+        flips += int(flip.sum())
+        cells += int(flip.size)
+    return Parity(d_heat, d_ltrb, d_all, flips, cells, gap, tuple(int(b.shape[0]) for b in batches))
 
 
 def export_onnx(
@@ -175,9 +227,12 @@ def export_onnx(
     cfg: OnnxExportConfig | None = None,
     evaluation: dict[str, Any] | None = None,
     name: str = "snipserve-default",
-    real_chips: np.ndarray | None = None,
+    parity_data: Path | None = None,
 ) -> ExportReport:
-    """Export ``model.pt`` at ``weights`` to ``out`` (ONNX with card); raises :class:`ParityError` on mismatch."""
+    """Export ``model.pt`` at ``weights`` to ``out`` (ONNX with card); raises :class:`ParityError` on mismatch.
+
+    Parity runs on random chips and, with ``parity_data`` (a COCO folder), on real chips cut from it.
+    """
     from models.net import ExportWrapper
     from models.train import load_trained
 
@@ -187,19 +242,38 @@ def export_onnx(
     wrapper = ExportWrapper(net)
     export_module(wrapper, card.input_size, out, cfg.opset)
     attach_card(out, card)
-    d_heat, d_ltrb, sizes = check_parity(wrapper, out, card.input_size, cfg, real_chips)
-    report = ExportReport(
-        path=out,
-        max_abs_diff=max(d_heat, d_ltrb),
-        max_abs_diff_heatmap=d_heat,
-        max_abs_diff_ltrb=d_ltrb,
-        batches_checked=sizes,
-        size_bytes=out.stat().st_size,
-        card=card,
-    )
+    real = real_chips_from(parity_data, card) if parity_data is not None else None
+    parity = check_parity(wrapper, out, card.input_size, cfg, real)
+    report = ExportReport(path=out, parity=parity, size_bytes=out.stat().st_size, card=card)
     if report.max_abs_diff > cfg.tolerance:
         raise ParityError(f"ONNX Runtime differs from PyTorch by {report.max_abs_diff:.3g} > {cfg.tolerance:g}")
+    if parity.max_tie_gap > cfg.tie_tolerance:
+        raise ParityError(
+            f"peak suppression differs at a cell {parity.max_tie_gap:.3g} from its best neighbour "
+            f"(> {cfg.tie_tolerance:g}): not a rounding near-tie"
+        )
     return report
+
+
+def real_chips_from(data_dir: Path, card: ModelCard, images: int = 2, max_chips: int = 24) -> np.ndarray:
+    """Normalised chips ``float32 [N, 3, C, C]`` cut from the first ``images`` images of a COCO folder by the
+    service's planner at the card's default levels (for the parity check on real pixels)."""
+    from models.sniper import crop_chip, resize_level
+    from models.synth import load_coco
+    from models.train import _read_rgb, normalise
+    from service.plan import PlanConfig, plan
+
+    _, items = load_coco(data_dir)
+    chips: list[np.ndarray] = []
+    cfg = PlanConfig(chip_size=card.input_size, levels=card.default_levels, sweet_spot=card.sweet_spot)
+    for path, _, _ in items[:images]:
+        img = _read_rgb(path)
+        p = plan((img.shape[1], img.shape[0]), cfg)
+        limgs = [resize_level(img, lv) for lv in p.levels]
+        picks = np.linspace(0, p.num_chips - 1, min(max_chips // images, p.num_chips)).astype(int)
+        for lvl, x0, y0 in p.chips[picks].tolist():
+            chips.append(crop_chip(limgs[lvl], x0, y0, card.input_size)[0])
+    return normalise(np.stack(chips)).numpy()
 
 
 def read_card(path: Path) -> ModelCard:

@@ -56,6 +56,7 @@ def test_export_parity_and_card(tiny_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "tiny.onnx"
     report = export_onnx(tiny_weights, out, OnnxExportConfig(), evaluation={"note": "none"}, name="tiny")
     assert report.max_abs_diff <= 1e-4
+    assert report.parity.ltrb <= 1e-4 and report.parity.max_tie_gap <= 1e-5
     assert report.batches_checked[:2] == (4, 1)
     card = read_card(out)
     assert card == report.card
@@ -77,6 +78,15 @@ def test_export_parity_and_card(tiny_weights: Path, tmp_path: Path) -> None:
     pooled = torch.nn.functional.max_pool2d(torch.from_numpy(heat), 3, 1, 1).numpy()
     nz = heat > 0
     assert np.array_equal(heat[nz], pooled[nz])  # every surviving cell is a local maximum
+
+
+def test_tie_gaps_measure_distance_to_best_neighbour() -> None:
+    from exporters.onnx import _tie_gaps
+
+    raw = np.zeros((1, 1, 3, 3), np.float64)
+    raw[0, 0, 1, 1], raw[0, 0, 1, 2] = 0.5, 0.5 + 1e-7
+    gaps = _tie_gaps(raw, np.array([[0, 0, 1, 1], [0, 0, 0, 0]]))
+    assert gaps[0] == pytest.approx(1e-7, abs=1e-8) and gaps[1] == pytest.approx(0.5 + 1e-7)
 
 
 def test_tensorrt_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

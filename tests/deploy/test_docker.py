@@ -153,3 +153,14 @@ def test_copied_sources_exist() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert not set(paths) & ignored, "a COPY source is excluded by .dockerignore"
+
+
+def test_loadtest_profile_runs_the_load_generator(config: dict[str, Any]) -> None:
+    svc = config["services"]["loadtest"]
+    assert svc["entrypoint"] == ["python", "-m", "loadtest"]
+    command = svc["command"] if isinstance(svc["command"], str) else " ".join(svc["command"])
+    assert command.startswith("run --url http://snipserve:8000 ")
+    assert svc["depends_on"]["snipserve"]["condition"] == "service_healthy"
+    from loadtest.__main__ import build_parser  # the flags must parse with the real CLI
+
+    build_parser().parse_args(command.split())

@@ -76,11 +76,13 @@ COPY --from=source /src /src
 WORKDIR /src
 # The gpu extra: onnxruntime-gpu (CUDA + TensorRT execution providers), tensorrt (NVIDIA's cu12 wheels,
 # which carry libnvinfer), cupy-cuda12x (GPU soft-NMS), nvidia-ml-py (GPU gauges on /metrics).
+# The smoke check only finds tensorrt: importing it may need the driver's libcuda, absent at build time.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/venv \
  && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[gpu]" \
  && /opt/venv/bin/pip install --no-index --find-links /wheels "snipserve[gpu]" \
- && /opt/venv/bin/python -c "import service.api, onnxruntime, tensorrt, pynvml" \
+ && /opt/venv/bin/python -c "import importlib.util as u, service.api, onnxruntime, pynvml; \
+assert u.find_spec('tensorrt') and 'CUDAExecutionProvider' in onnxruntime.get_available_providers()" \
  && mkdir -p /models \
  && /opt/venv/bin/python -c "import pathlib, shutil, models; \
 m = pathlib.Path(models.__file__).parent / 'snipserve_default.onnx'; \

@@ -91,6 +91,7 @@ def bench_http(
     }
     if model is not None:
         env["SNIPSERVE_MODEL_PATH"] = str(model)
+        env["SNIPSERVE_MODELS_DIR"] = str(model.resolve().parent)
     log = tempfile.NamedTemporaryFile("wb", suffix=".log", delete=False)  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -218,20 +219,20 @@ REGISTRY.register(PROCESS_COLLECTOR)
 REGISTRY.register(PLATFORM_COLLECTOR)
 
 
-def check_single_process(workers: int = 1) -> None:
+def check_single_process(workers: int = 1, argv: Sequence[str] | None = None) -> None:
     """Refuse configurations whose metrics (and batching) would be silently wrong.
 
-    Raises ``ValueError`` when more than one worker is requested (``workers`` or uvicorn's
-    ``WEB_CONCURRENCY``) or when ``PROMETHEUS_MULTIPROC_DIR`` is set: this service runs one worker per
-    GPU (see the module docstring) and does not aggregate metrics across processes.
+    Raises ``ValueError`` when more than one worker is requested — by ``workers``, by ``WEB_CONCURRENCY``
+    (read by uvicorn and gunicorn), or by ``--workers N`` / ``-w N`` on the command line of a uvicorn,
+    gunicorn or hypercorn server (``argv``, default ``sys.argv``; spawned workers inherit it) — or when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set: this service runs one worker per GPU (see the module docstring)
+    and does not aggregate metrics across processes.
     """
-    env_workers = os.environ.get("WEB_CONCURRENCY", "").strip()
     requested = [("workers", workers)]
+    env_workers = os.environ.get("WEB_CONCURRENCY", "").strip()
     if env_workers:
-        try:
-            requested.append(("WEB_CONCURRENCY", int(env_workers)))
-        except ValueError:
-            raise ValueError(f"WEB_CONCURRENCY={env_workers!r} is not an integer") from None
+        requested.append(("WEB_CONCURRENCY", _as_int("WEB_CONCURRENCY", env_workers)))
+    requested += _server_argv_workers(sys.argv if argv is None else argv)
     for source, count in requested:
         if count != 1:
             raise ValueError(
@@ -244,3 +245,29 @@ def check_single_process(workers: int = 1) -> None:
             "PROMETHEUS_MULTIPROC_DIR is set, but snipserve does not use prometheus-client multiprocess mode "
             "(one worker per process); unset it"
         )
+
+
+_SERVERS = ("uvicorn", "gunicorn", "hypercorn")
+
+
+def _server_argv_workers(argv: Sequence[str]) -> list[tuple[str, int]]:
+    """``[("--workers", N)]`` when ``argv`` is an ASGI server's command line asking for N workers."""
+    program = argv[0].replace(os.sep, "/") if argv else ""
+    # `uvicorn ...` has the script path in argv[0]; `python -m uvicorn ...` has .../uvicorn/__main__.py.
+    if not any(s in program.rsplit("/", 1)[-1] or program.endswith(f"/{s}/__main__.py") for s in _SERVERS):
+        return []
+    found = []
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag in ("--workers", "-w"):
+            if not value and i + 1 < len(argv):
+                value = argv[i + 1]
+            found.append((flag, _as_int(flag, value)))
+    return found
+
+
+def _as_int(source: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{source}={value!r} is not an integer") from None

@@ -238,3 +238,27 @@ def test_operator_docs_table_matches_the_registry() -> None:
     documented = set(re.findall(r"^\| `(snipserve_\w+)` \|", docs, flags=re.M))
     exposed = {name + ("_total" if fam.type == "counter" else "") for name, fam in families().items()}
     assert documented == {n for n in exposed if n.startswith("snipserve_")}
+
+
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        (["/venv/bin/uvicorn", "service.api:create_app", "--factory", "--workers", "4"], "--workers=4"),
+        (["/venv/bin/uvicorn", "service.api:create_app", "--factory", "--workers=2"], "--workers=2"),
+        (["/venv/lib/python3.11/site-packages/uvicorn/__main__.py", "app", "--workers", "3"], "--workers=3"),
+        (["gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "8", "app"], "-w=8"),
+        (["/venv/bin/uvicorn", "app", "--workers", "1"], None),
+        (["/venv/bin/snipserve", "bench", "--workers", "4"], None),  # not a server command line
+        (["pytest", "-w", "2"], None),
+    ],
+)
+def test_check_single_process_reads_server_command_lines(
+    argv: list[str], refused: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    if refused is None:
+        metrics.check_single_process(1, argv)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            metrics.check_single_process(1, argv)

@@ -34,3 +34,18 @@ def test_check_config(promtool: str) -> None:
     done = run(promtool, "check", "config", str(PROMETHEUS_CONFIG))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 rule files found" in done.stdout
+
+
+def test_check_metrics_on_gpu_families(promtool: str) -> None:
+    # This machine has no GPU: lint the GPU gauges as a 2-GPU host would expose them (stub NVML).
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.metrics import GpuCollector
+    from tests.service.test_metrics import FakeNvml
+
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(nvml_loader=FakeNvml))
+    text = generate_latest(registry).decode()
+    assert 'snipserve_gpu_memory_used_bytes{gpu="1"}' in text
+    done = run(promtool, "check", "metrics", stdin=text)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr

@@ -35,9 +35,11 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 
 from service.api import State, get_state, in_flight, parse_options, run_detection
@@ -299,11 +301,12 @@ async def batch_lines(
     options: DetectOptions,
     timeout: float | None,
     concurrency: int,
-    form: FormData,
 ) -> AsyncIterator[bytes]:
     """NDJSON lines in completion order, ``concurrency`` images in flight; a summary line last.
 
-    A disconnect cancels this generator, which cancels the images in flight (their chips are dropped)."""
+    A disconnect cancels this generator, which cancels the images in flight (their chips are dropped).
+    The form (spooled upload files) is closed by the response's background task, which runs even when
+    the generator never started."""
     running: dict[asyncio.Task[dict[str, Any]], int] = {}
     next_index, errors = 0, 0
     try:
@@ -325,10 +328,11 @@ async def batch_lines(
         summary = {"type": "summary", "images": len(uploads), "errors": errors}
         yield (json.dumps(summary) + "\n").encode()
     finally:
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        await form.close()
+        # Shielded: on a disconnect anyio keeps cancelling this task, which would abort the clean-up itself.
+        with anyio.CancelScope(shield=True):
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
 
 # ---- router --------------------------------------------------------------------------------------
@@ -384,7 +388,7 @@ def stream_router(config: StreamConfig | None = None) -> APIRouter:
         except SnipserveError:
             await form.close()
             raise
-        lines = batch_lines(state, uploads, options, timeout, config.batch_concurrency, form)
-        return StreamingResponse(lines, media_type="application/x-ndjson")
+        lines = batch_lines(state, uploads, options, timeout, config.batch_concurrency)
+        return StreamingResponse(lines, media_type="application/x-ndjson", background=BackgroundTask(form.close))
 
     return router

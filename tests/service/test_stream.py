@@ -182,3 +182,20 @@ async def test_batch_refuses_bad_requests_with_4xx() -> None:
     assert no_files.status_code == 400 and "'files'" in no_files.json()["error"]["message"]
     assert wrong_type.status_code == 415
     assert bad_option.status_code == 422 and "merge" in bad_option.json()["error"]["message"]
+
+
+async def test_batch_client_disconnect_cancels_images_in_flight() -> None:
+    app = fake_app(delay=0.3, max_batch=2)
+    big = png(blob_image((1024, 1024), [RED]))
+    files = [("files", (f"{i}.png", big, "image/png")) for i in range(6)]
+    async with serve_in_loop(app) as base:
+        state = app_state(app)
+        async with (
+            httpx.AsyncClient(base_url=base, timeout=20) as client,
+            client.stream("POST", "/v1/detect/batch", files=files) as resp,
+        ):
+            assert resp.status_code == 200
+            assert await await_until(lambda: state.batcher is not None and state.batcher.queue_depth > 0)
+        # the response was closed before any line: the images in flight are cancelled, their chips dropped
+        assert await await_until(lambda: state.in_flight == 0)
+        assert await await_until(lambda: state.batcher is not None and state.batcher.queue_depth == 0)

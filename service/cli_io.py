@@ -59,7 +59,7 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``/v1/detect`` options as flags."""
     group = parser.add_argument_group("detection options (as for POST /v1/detect)")
     for flag, (name, type_, help_) in OPTION_FLAGS.items():
-        group.add_argument(flag, dest=f"opt_{name}", type=type_, help=help_)
+        group.add_argument(flag, dest=f"opt_{name}", metavar=name.upper(), type=type_, help=help_)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -93,5 +93,12 @@ def test_upload_draws_boxes_labels_and_timings_in_chromium(base_url: str, tmp_pa
                 box.uncheck()
             assert page.text_content("#count") == "0"
             assert pixel(page, 79, 80) == [128, 128, 128]
+            # a file the server cannot decode: its error code and message are shown, nothing crashes
+            bad = tmp_path / "notes.png"
+            bad.write_bytes(b"these are not pixels")
+            page.set_input_files("#file", str(bad))
+            page.click("#detect")
+            page.wait_for_selector("#status[data-state=error]", timeout=15_000)
+            assert "400 bad_image" in (page.text_content("#error") or "")
         finally:
             browser.close()

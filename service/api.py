@@ -71,7 +71,8 @@ class State:
         self.batcher: Batcher | None = None
         self.ready = False
         self.draining = False  # SIGTERM received: readiness 503, new requests refused, in-flight ones finish
-        self.in_flight = 0
+        self.in_flight = 0  # all detection requests (drain waits for 0)
+        self.in_flight_bulk = 0  # of which streaming/batch (priority "bulk"), limited apart
 
 
 def parse_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:
@@ -360,22 +361,29 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
 
 
 @contextlib.contextmanager
-def in_flight(state: State) -> Iterator[None]:
-    """Count a detection request in flight; refuse (503) past ``max_in_flight``."""
-    limit = state.settings.max_in_flight
+def in_flight(state: State, priority: Priority = "interactive") -> Iterator[None]:
+    """Count a detection request in flight; refuse (503) past its lane's limit.
+
+    Interactive requests are limited by ``max_in_flight`` counting only themselves; bulk (streaming, batch)
+    requests by ``bulk_max_in_flight``: a stream with a wide window cannot use up /v1/detect's slots."""
     if state.draining:
         raise NotReady("the service is shutting down; retry on another replica", headers={"Retry-After": "1"})
-    if state.in_flight >= limit:
+    bulk = priority == "bulk"
+    count = state.in_flight_bulk if bulk else state.in_flight - state.in_flight_bulk
+    limit = state.settings.bulk_max_in_flight if bulk else state.settings.max_in_flight
+    if count >= limit:
+        name = "SNIPSERVE_BULK_MAX_IN_FLIGHT" if bulk else "SNIPSERVE_MAX_IN_FLIGHT"
         raise QueueFull(
-            f"{state.in_flight} requests in flight, the limit is {limit} (SNIPSERVE_MAX_IN_FLIGHT)",
-            headers={"Retry-After": "1"},
+            f"{count} {priority} requests in flight, the limit is {limit} ({name})", headers={"Retry-After": "1"}
         )
     state.in_flight += 1
+    state.in_flight_bulk += bulk
     metrics.IN_FLIGHT.set(state.in_flight)
     try:
         yield
     finally:
         state.in_flight -= 1
+        state.in_flight_bulk -= bulk
         metrics.IN_FLIGHT.set(state.in_flight)
 
 

@@ -183,3 +183,16 @@ def test_rejections_are_counted(client_for: Callable[..., TestClient]) -> None:
     prefix = 'snipserve_rejections_total{reason="queue_full"}'
     line = next(x for x in text.splitlines() if x.startswith(prefix))
     assert float(line.split()[-1]) >= 1
+
+
+def test_bulk_requests_in_flight_do_not_use_up_detect_slots(client_for: Callable[..., TestClient]) -> None:
+    from service.api import in_flight
+    from service.errors import QueueFull as Full
+
+    client = client_for(FakeEngine(), max_in_flight=1, bulk_max_in_flight=2)
+    state = client.app.state.snipserve  # type: ignore[attr-defined]
+    with in_flight(state, "bulk"), in_flight(state, "bulk"):  # a stream at its limit
+        with pytest.raises(Full, match="SNIPSERVE_BULK_MAX_IN_FLIGHT"), in_flight(state, "bulk"):
+            pass
+        assert detect(client).status_code == 200  # /v1/detect still has its own slot
+    assert state.in_flight == 0 and state.in_flight_bulk == 0

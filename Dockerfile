@@ -8,7 +8,8 @@
 #
 # GPU hosts need the NVIDIA driver and the NVIDIA Container Toolkit (`docker run --gpus all ...`).
 # The model: the shipped default is baked in at /models/snipserve_default.onnx; mount your own at /models
-# and point SNIPSERVE_MODEL_PATH at it. Nothing is downloaded at run time.
+# and point SNIPSERVE_MODEL_PATH at it (model files must lie inside SNIPSERVE_MODELS_DIR=/models).
+# Nothing is downloaded at run time.
 # Process model: one uvicorn worker per container, one container per GPU (see docs/operators.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -50,6 +51,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     SNIPSERVE_HOST=0.0.0.0 \
     SNIPSERVE_PORT=8000 \
+    SNIPSERVE_MODELS_DIR=/models \
     SNIPSERVE_MODEL_PATH=/models/snipserve_default.onnx \
     SNIPSERVE_LOG_JSON=true \
     SNIPSERVE_PROVIDERS=cpu
@@ -103,6 +105,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     SNIPSERVE_HOST=0.0.0.0 \
     SNIPSERVE_PORT=8000 \
+    SNIPSERVE_MODELS_DIR=/models \
     SNIPSERVE_MODEL_PATH=/models/snipserve_default.onnx \
     SNIPSERVE_LOG_JSON=true \
     SNIPSERVE_PROVIDERS=tensorrt,cuda \

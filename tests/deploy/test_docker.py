@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +166,35 @@ def test_loadtest_profile_runs_the_load_generator(config: dict[str, Any]) -> Non
     from loadtest.__main__ import build_parser  # the flags must parse with the real CLI
 
     build_parser().parse_args(command.split())
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    """The ``ENV`` keys and values of one Dockerfile stage (``KEY=VALUE`` form, continuation lines joined)."""
+    text = stages()[stage].replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV\s+(.*)$", text, flags=re.M):
+        env.update(pair.split("=", 1) for pair in line.split() if "=" in pair)
+    return env
+
+
+@pytest.mark.parametrize("source", ["cpu", "gpu", "compose"])
+def test_service_environment_is_valid_settings(
+    source: str, config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SNIPSERVE_* values the image and compose set are accepted by the real Settings model."""
+    from service.settings import Settings
+
+    if source == "compose":
+        env = {k: str(v) for k, v in config["services"]["snipserve"]["environment"].items()}
+        env = {**stage_env("gpu"), **env}  # compose overrides the image's ENV
+    else:
+        env = stage_env(source)
+    for key in [k for k in os.environ if k.startswith("SNIPSERVE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("SNIPSERVE_"):
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.models_dir == settings.model_path.parent == Path("/models")
+    assert (settings.host, settings.port, settings.log_json) == ("0.0.0.0", 8000, True)
+    assert settings.providers == (("cpu",) if source == "cpu" else ("tensorrt", "cuda"))

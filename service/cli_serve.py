@@ -5,6 +5,10 @@ detection requests are answered 503 + Retry-After, while requests already in fli
 answered. When none is left (or after ``SNIPSERVE_SHUTDOWN_TIMEOUT_S``) uvicorn closes the listener,
 waits for open connections (same timeout) and runs the lifespan shutdown, which stops the batcher. A
 second signal skips the drain. Worst-case exit: about ``2 x shutdown_timeout_s`` plus the batcher stop.
+
+An engine call that hung (abandoned by the batcher after ``infer_timeout_s``) still occupies a
+non-daemon thread, which Python's exit would wait for forever; past a short grace period we log it and
+end the process with ``os._exit`` so that SIGTERM always ends it within the bound.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -71,9 +76,25 @@ def serve_app(app: FastAPI, settings: Settings) -> int:
         port=settings.port,
         log_config=None,
         timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout_s)),
+        # A WebSocket frame carries one image: allow what /v1/detect allows, plus room for metadata.
+        ws_max_size=settings.max_image_bytes + 1024 * 1024,
     )
     DrainingServer(config, app, settings.shutdown_timeout_s).run()
+    _exit_past_stuck_threads(grace_s=2.0)
     return 0
+
+
+def _exit_past_stuck_threads(grace_s: float) -> None:
+    """If non-daemon threads (a hung engine call) outlive the server by ``grace_s``, exit now (status 0)."""
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if stuck:
+        log.warning("exiting with %d stuck thread(s) (a hung engine call?): %s", len(stuck), ", ".join(stuck))
+        logging.shutdown()
+        os._exit(0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ every HTTP request:
 2. counts ``snipserve_requests_total{route, status}`` and observes
    ``snipserve_request_duration_seconds{route}`` until the last body byte is sent, with the route
    *template* (``/v1/models/{name}``), or ``<unmatched>`` for paths no route knows, so label values stay
-   bounded whatever clients send;
+   bounded whatever clients send; a client that disconnects before any response counts as status 499;
 3. writes one access-log record (logger ``snipserve.access``; DEBUG for successful probes and scrapes,
    INFO otherwise) and, for an exception no handler mapped,
    one error record with the traceback (logger ``snipserve.error``) and a JSON 500 carrying the id.
@@ -20,6 +20,7 @@ WebSocket connections get a request id and logs too, but no HTTP metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -35,6 +36,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 
 from service import metrics
@@ -47,6 +49,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 UNMATCHED_ROUTE = "<unmatched>"
+CLIENT_CLOSED_REQUEST = 499  # status recorded when the client disconnects before any response (nginx's)
 # Probes and scrapes arrive every few seconds: their successful access records go out at DEBUG.
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -129,6 +132,13 @@ class ObservabilityMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except (asyncio.CancelledError, ClientDisconnect) as exc:
+            # The client went away (the API cancels a detection on disconnect): nobody is left to answer,
+            # and it is not a server error. Recorded as nginx's 499 "client closed request".
+            if not response_started:
+                status = CLIENT_CLOSED_REQUEST
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except Exception as exc:
             # Only exceptions no handler mapped get here (SnipserveError is mapped by the API's handler).
             status = 500

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -17,10 +18,12 @@ from fastapi import FastAPI, HTTPException, WebSocket
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.observability import (
     UNMATCHED_ROUTE,
+    ObservabilityMiddleware,
     accept_request_id,
     configure_logging,
     instrument,
@@ -318,3 +321,30 @@ def test_successful_scrapes_are_logged_at_debug_only() -> None:
         client.get("/items/q")
     routes = [r["route"] for r in json_lines(stream) if r["logger"] == "snipserve.access"]
     assert routes == ["/items/{item_id}"]
+
+
+@pytest.mark.parametrize("raised", [asyncio.CancelledError("client disconnected"), ClientDisconnect()])
+async def test_client_disconnect_counts_499_not_500(raised: BaseException) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise raised
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/gone", "headers": [], "client": ("127.0.0.1", 1)}
+    before = sample("snipserve_requests_total", route=UNMATCHED_ROUTE, status="499")
+    before_500 = sample("snipserve_requests_total", route=UNMATCHED_ROUTE, status="500")
+    middleware = ObservabilityMiddleware(app)
+    if isinstance(raised, asyncio.CancelledError):
+        with pytest.raises(asyncio.CancelledError):
+            await middleware(scope, receive, send)
+    else:
+        await middleware(scope, receive, send)
+    assert sent == []  # nobody to answer
+    assert sample("snipserve_requests_total", route=UNMATCHED_ROUTE, status="499") == before + 1
+    assert sample("snipserve_requests_total", route=UNMATCHED_ROUTE, status="500") == before_500

@@ -6,6 +6,7 @@ flight finish and be answered, then the process exits (status 0) well within its
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -25,15 +26,19 @@ EXIT_BOUND_S = 10.0
 
 SERVER = textwrap.dedent(
     """
-    import sys
+    import sys, threading
     from service.api import create_app
     from service.cli_serve import serve_app
     from service.engine import FakeEngine
     from service.settings import Settings
 
-    port = int(sys.argv[1])
-    settings = Settings(engine="fake", warmup=False, port=port, max_batch=64, shutdown_timeout_s=5)
-    app = create_app(settings, engine_factory=lambda s: FakeEngine(max_batch=64, delay=float(sys.argv[2])))
+    port, delay, hang = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "hang"
+    never = threading.Event()
+    fail = (lambda batch: never.wait()) if hang else None  # a hung engine call: never returns
+    settings = Settings(
+        engine="fake", warmup=False, port=port, max_batch=64, shutdown_timeout_s=5, infer_timeout_s=0.5 if hang else 30
+    )
+    app = create_app(settings, engine_factory=lambda s: FakeEngine(max_batch=64, delay=delay, fail=fail))
     sys.exit(serve_app(app, settings))
     """
 )
@@ -65,14 +70,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
     raise AssertionError("server did not become ready")
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+@contextlib.contextmanager
+def serve(mode: str = "slow") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(port), str(ENGINE_DELAY_S)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    argv = [sys.executable, "-c", SERVER, str(port), str(ENGINE_DELAY_S), mode]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
@@ -83,14 +85,18 @@ def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         proc.communicate()
 
 
+@pytest.fixture
+def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with serve() as s:
+        yield s
+
+
 def test_sigterm_drains_in_flight_requests_and_exits(server: tuple[str, subprocess.Popen[bytes]]) -> None:
     url, proc = server
     answer: dict[str, httpx.Response] = {}
 
     def in_flight() -> None:
-        answer["r"] = httpx.post(
-            f"{url}/v1/detect", content=png(), headers={"content-type": "image/png"}, timeout=30
-        )
+        answer["r"] = httpx.post(f"{url}/v1/detect", content=png(), headers={"content-type": "image/png"}, timeout=30)
 
     worker = threading.Thread(target=in_flight)
     worker.start()
@@ -114,3 +120,14 @@ def test_sigterm_drains_in_flight_requests_and_exits(server: tuple[str, subproce
     assert time.monotonic() - t_signal < EXIT_BOUND_S
     with pytest.raises(httpx.TransportError):  # and nothing listens any more
         httpx.get(f"{url}/healthz", timeout=1)
+
+
+def test_sigterm_exits_even_with_a_hung_engine_thread() -> None:
+    with serve("hang") as (url, proc):
+        r = httpx.post(f"{url}/v1/detect", content=png(), headers={"content-type": "image/png"}, timeout=10)
+        assert r.status_code == 500 and "timed out" in r.json()["error"]["message"]  # infer_timeout_s
+        assert httpx.get(f"{url}/readyz", timeout=2).status_code == 200  # still ready after the hang
+        t_signal = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(EXIT_BOUND_S)  # the abandoned engine thread does not keep the process alive
+        assert proc.returncode == 0 and time.monotonic() - t_signal < EXIT_BOUND_S

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service import metrics
+from service import metrics, observability
 from service.batch import Batcher, Priority
 from service.decode import decode_image
 from service.engine import Engine, create_engine, warm_up
@@ -231,9 +231,8 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
             metrics.REJECTIONS.labels(reason=reason).inc()
         if exc.status >= 500 and not isinstance(exc, QueueFull | NotReady | DeadlineExceeded):
             log.error("%s: %s", exc.code, exc.message)
-        return JSONResponse(
-            {"error": {"code": exc.code, "message": exc.message}}, status_code=exc.status, headers=exc.headers
-        )
+        body = {"code": exc.code, "message": exc.message, "request_id": observability.request_id_var.get()}
+        return JSONResponse({"error": body}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -353,7 +352,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app.include_router(stream_router())
     app.include_router(web_router())
 
-    from service import observability, security
+    from service import security
 
     security.install(app, settings.api_key, settings.cors_origins)  # before instrument: it stays outermost
     observability.instrument(app, settings)

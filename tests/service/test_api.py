@@ -99,6 +99,7 @@ def test_bad_options(client: TestClient, png: bytes, query: str, status: int, fr
 def test_input_errors(client: TestClient, png: bytes) -> None:
     r = post_raw(client, b"hello", ctype="text/plain")
     assert r.status_code == 415 and "content type 'text/plain'" in r.json()["error"]["message"]
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]  # quote it when reporting a problem
     r = post_raw(client, b"")
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_image"
     r = post_raw(client, png[: len(png) // 2])

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
     fp16: bool = Field(default=False, description="FP16 where the engine supports it (TensorRT).")
     ort_spin: bool = Field(default=False, description="Let ONNX Runtime threads spin between calls (see README).")
+    trt_cache_dir: Path | None = Field(
+        default=None, description="TensorRT EP engine cache (keep it on a volume to skip rebuilds on restart)."
+    )
     # batching and admission
     max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
     max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")
@@ -111,6 +114,7 @@ class Settings(BaseSettings):
             max_batch=self.max_batch,
             fp16=self.fp16,
             spin=self.ort_spin,
+            trt_cache_dir=self.trt_cache_dir,
         )
 
     def batcher_config(self) -> BatcherConfig:

@@ -12,7 +12,7 @@ import numpy as np
 from service.adapters import ChipDetections
 from service.options import MergeConfig
 from service.plan import ChipPlan
-from service.soft_nms import batched_soft_nms
+from service.soft_nms_gpu import batched_soft_nms_auto
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ def merge(dets: Detections, config: MergeConfig, score_threshold: float, max_det
     if len(dets) == 0:
         return dets
     groups = np.zeros(len(dets), np.int32) if config.class_agnostic else dets.classes
-    keep, kept = batched_soft_nms(
+    # GPU kernel when CuPy and a device are present, else the NumPy reference itself (same result).
+    keep, kept = batched_soft_nms_auto(
         dets.boxes, dets.scores, groups, config.method, config.sigma, config.iou_threshold, score_threshold
     )
     keep, kept = keep[:max_detections], kept[:max_detections]

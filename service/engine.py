@@ -223,7 +223,9 @@ def create_engine(model_path: Path | None, config: EngineConfig) -> Engine:
     if model_path is None:
         raise ModelLoadError("no model path given")
     if config.kind == "tensorrt":
-        raise ModelLoadError("the TensorRT engine backend is not available in this build (install the gpu extra)")
+        from service.engine_tensorrt import TensorRTEngine  # lazy: TensorRT/CuPy load only for this engine
+
+        return TensorRTEngine(model_path, config)
     return OnnxRuntimeEngine(model_path, config)
 
 

@@ -58,7 +58,8 @@ echo "capacity: $CAP images/s"
 echo "== open loop (Poisson) at 0.5x, 0.8x, 1.0x, 1.3x capacity"
 for f in 0.5 0.8 1.0 1.3; do
     rate=$("$PY" -c "print(round($CAP * $f, 3))")
-    load run --rate "$rate" --arrival poisson --duration "$DURATION" --warmup "$WARMUP" --json "$OUT/open_$f.json"
+    load run --rate "$rate" --arrival poisson --duration "$DURATION" --warmup "$WARMUP" --seed "${f/./}" \
+        --json "$OUT/open_$f.json"
 done
 "$PY" - "$OUT" <<'EOF'
 import json, sys

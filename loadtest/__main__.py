@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _load(s)
     s.add_argument("--slo-ms", type=float, default=2000.0, help="p99 latency SLO (ms)")
     s.add_argument("--max-bad-rate", type=float, default=0.01, help="allowed share of 503/504/errors")
+    s.add_argument("--min-goodput", type=float, default=0.9, help="achieved/offered throughput at least this")
     s.add_argument("--start", type=float, default=0.5, help="first rate")
     s.add_argument("--factor", type=float, default=1.5, help="rate growth per step")
     s.add_argument("--max-rate", type=float, default=1000.0)
@@ -122,12 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     mix = _mix(args)
     config = SweepConfig(
-        slo_p99_ms=args.slo_ms, max_bad_rate=args.max_bad_rate, start=args.start, factor=args.factor,
+        slo_p99_ms=args.slo_ms, max_bad_rate=args.max_bad_rate, min_goodput=args.min_goodput, start=args.start,
+        factor=args.factor,
         max_rate=args.max_rate, refine=args.refine,
     )  # fmt: skip
 
     def measure(rate: float) -> Summary:
-        _, s = run(_config(args, mode="open", rate=rate), mix)
+        # A fresh arrival realisation per step: with one seed, every rate would replay the same (scaled) gaps.
+        _, s = run(_config(args, mode="open", rate=rate, seed=args.seed + round(rate * 1000)), mix)
         print(format_summary(s), flush=True)
         return s
 

@@ -1,8 +1,10 @@
 """Rate sweep: the highest open-loop rate whose p99 latency meets an SLO.
 
-Rates grow geometrically from ``start`` by ``factor`` until a run fails (p99 above the SLO, or more than
-``max_bad_rate`` of requests rejected, timed out or failed), then ``refine`` bisection steps between the
-last passing and the first failing rate. Each step is a full open-loop run (warm-up + duration).
+Rates grow geometrically from ``start`` by ``factor`` until a run fails (p99 above the SLO, more than
+``max_bad_rate`` of requests rejected, timed out or failed, or fewer answers completed in the window than
+``min_goodput`` of the offered rate: a queue still growing when the window closed), then ``refine``
+bisection steps between the last passing and the first failing rate. Each step is a full open-loop run
+(warm-up + duration).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class SweepConfig(BaseModel):
 
     slo_p99_ms: float = Field(default=2000.0, gt=0, description="p99 latency (from intended send) to meet.")
     max_bad_rate: float = Field(default=0.01, ge=0, le=1, description="Allowed share of 503/504/errors.")
+    min_goodput: float = Field(default=0.9, ge=0, le=1, description="Achieved/offered at least this (keeping up).")
     start: float = Field(default=0.5, gt=0, description="First rate (requests/s).")
     factor: float = Field(default=1.5, gt=1, description="Growth per step until a rate fails.")
     max_rate: float = Field(default=1000.0, gt=0, description="Never offer more than this.")
@@ -28,10 +31,11 @@ class SweepConfig(BaseModel):
 
 
 def passes(s: Summary, config: SweepConfig) -> bool:
-    """p99 of every answer within the SLO and few enough rejections, timeouts and errors."""
+    """p99 of every answer within the SLO, few enough rejections, timeouts and errors, and keeping up."""
     bad = s.reject_rate + s.timeout_rate + s.error_rate
     p99 = s.latency_all_ms["p99"]
-    return p99 == p99 and p99 <= config.slo_p99_ms and bad <= config.max_bad_rate  # p99 == p99: not NaN
+    keeping_up = s.achieved_rps >= config.min_goodput * s.offered_rps
+    return p99 == p99 and p99 <= config.slo_p99_ms and bad <= config.max_bad_rate and keeping_up  # NaN != NaN
 
 
 def find_max_rate(measure: Callable[[float], Summary], config: SweepConfig) -> tuple[float | None, list[Summary]]:

@@ -140,3 +140,9 @@ def test_sweep_reports_none_when_even_the_first_rate_fails() -> None:
 def test_rejections_fail_a_rate_even_with_fast_answers() -> None:
     s = fake_run(1.0).model_copy(update={"reject_rate": 0.2})
     assert not passes(s, SweepConfig(slo_p99_ms=10_000))
+
+
+def test_a_rate_the_service_does_not_keep_up_with_fails() -> None:
+    s = fake_run(1.0).model_copy(update={"achieved_rps": 0.5})  # fast answers, but half the arrivals pending
+    assert not passes(s, SweepConfig(slo_p99_ms=10_000))
+    assert passes(s, SweepConfig(slo_p99_ms=10_000, min_goodput=0.4))

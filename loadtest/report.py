@@ -188,7 +188,8 @@ def write_samples_csv(samples: Samples, path: Path) -> None:
 
 
 def plot_latency_vs_throughput(summaries: Sequence[Summary], path: Path, slo_ms: float | None = None) -> None:
-    """PNG: p50/p99/p99.9 latency (log scale) against achieved throughput, one point per run.
+    """PNG, two panels over the offered rate: p50/p99/p99.9 latency (log scale, SLO line), and achieved
+    against offered throughput (the diagonal is "keeping up"; where the points fall below it, saturation).
 
     matplotlib is imported here only (``pip install snipserve[load]``)."""
     import matplotlib
@@ -197,20 +198,32 @@ def plot_latency_vs_throughput(summaries: Sequence[Summary], path: Path, slo_ms:
     import matplotlib.pyplot as plt
 
     runs = sorted(summaries, key=lambda s: s.offered_rps)
-    x = [s.achieved_rps for s in runs]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    x = [s.offered_rps for s in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     for key, style in (("p50", "o-"), ("p99", "s-"), ("p99.9", "^--")):
-        ax.plot(x, [s.latency_all_ms[key] for s in runs], style, label=key)
-    for s, xi in zip(runs, x, strict=True):
-        ax.annotate(f"{s.offered_rps:.1f}", (xi, s.latency_all_ms["p99"]), fontsize=7, alpha=0.6)
+        left.plot(x, [s.latency_all_ms[key] for s in runs], style, label=key)
     if slo_ms is not None:
-        ax.axhline(slo_ms, color="red", lw=1, ls=":", label=f"SLO p99 {slo_ms:g} ms")
-    ax.set_yscale("log")
-    ax.set_xlabel("achieved throughput (2xx responses/s); labels: offered rate")
-    ax.set_ylabel("latency from intended send (ms)")
-    ax.set_title("snipserve: latency vs throughput (open loop)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+        left.axhline(slo_ms, color="red", lw=1, ls=":", label=f"SLO p99 {slo_ms:g} ms")
+    left.set_yscale("log")
+    left.set_xlabel("offered rate (requests/s)")
+    left.set_ylabel("latency from intended send (ms)")
+    left.set_title("latency vs offered load (open loop)")
+    left.legend()
+    right.plot(x, [s.achieved_rps for s in runs], "o-", label="achieved (2xx/s)")
+    right.plot(
+        x,
+        [s.offered_rps * (s.reject_rate + s.timeout_rate + s.error_rate) for s in runs],
+        "x:",
+        label="503/504/errors per s",
+    )
+    top = max(x, default=1.0)
+    right.plot([0, top], [0, top], color="grey", lw=1, ls="--", label="offered = achieved")
+    right.set_xlabel("offered rate (requests/s)")
+    right.set_ylabel("throughput (requests/s)")
+    right.set_title("throughput vs offered load")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

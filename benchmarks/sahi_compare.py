@@ -21,6 +21,11 @@ Configurations (all on the same model):
   plus one whole-image level (long side ``C``): equal chips, so the ratio measures the implementation.
 - ``snipserve-default``: our pipeline with the model card's default pyramid (what the service runs).
 
+- ``snipserve-default-service`` (with ``--in-flight K``): the default pyramid through the service's
+  dynamic batcher with ``K`` images in flight, as ``snipserve serve`` runs it under load (cropping of the
+  next batch overlaps inference; one image's merge overlaps the next one's chips). Measured in a phase of
+  its own after the interleaved ones (images decoded beforehand), so compare it at a quiet moment.
+
 Also reported: the engine-only limit (images/s if the engine were the only cost: chips per image of
 ``snipserve-default`` divided into the engine's chips/s at ``--batch``) and the pipeline's share of it.
 """
@@ -28,6 +33,7 @@ Also reported: the engine-only limit (images/s if the engine were the only cost:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import sys
@@ -48,13 +54,15 @@ from sahi.predict import get_sliced_prediction  # noqa: E402
 from sahi.prediction import ObjectPrediction  # noqa: E402
 
 from service.adapters import get_adapter  # noqa: E402
+from service.batch import Batcher, BatcherConfig  # noqa: E402
 from service.crop import Normalizer, write_chip  # noqa: E402
 from service.engine import EngineConfig, OnnxRuntimeEngine  # noqa: E402
 from service.options import DetectOptions  # noqa: E402
 from service.pipeline import Pipeline  # noqa: E402
-from service.plan import LevelSpec  # noqa: E402
+from service.plan import LevelSpec, plan  # noqa: E402
 
 Boxes = tuple[np.ndarray, np.ndarray, np.ndarray]  # xyxy float32 [N, 4], scores [N], classes int32 [N]
+ENGINE_ONLY = "engine-only-default"
 
 
 # ---- SAHI wrapper -------------------------------------------------------------------------------------------
@@ -183,6 +191,40 @@ def equal_slicing_options(card: Any, overlap: float, threshold: float) -> Detect
     return DetectOptions(levels=levels, score_threshold=threshold, max_detections=1000)
 
 
+async def _service_run(
+    pipeline: Pipeline, images: list[np.ndarray], options: DetectOptions, in_flight: int, batch: int
+) -> tuple[float, list[Boxes], list[int]]:
+    """All ``images`` through a :class:`Batcher` with ``in_flight`` at a time: (wall seconds, boxes, chips)."""
+    config = BatcherConfig(max_batch=batch, max_delay_ms=2.0)
+    batcher = Batcher(pipeline.engine, pipeline.adapter, pipeline.norm, config)
+    await batcher.start()
+    gate = asyncio.Semaphore(in_flight)
+
+    async def one(image: np.ndarray) -> tuple[Boxes, int]:
+        async with gate:
+            r = await pipeline.detect_async(image, options, batcher)
+            return (r.boxes, r.scores, r.classes), r.num_chips
+
+    try:
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(one(im) for im in images))
+        wall = time.perf_counter() - t0
+    finally:
+        await batcher.stop()
+    return wall, [d[0] for d in done], [d[1] for d in done]
+
+
+def service_method(
+    pipeline: Pipeline, images: list[np.ndarray], options: DetectOptions, args: argparse.Namespace
+) -> Method:
+    """The default pyramid through the dynamic batcher, ``--in-flight`` images at a time (one timed phase)."""
+    wall, boxes, chips = asyncio.run(_service_run(pipeline, images, options, args.in_flight, args.batch))
+    m = Method(f"snipserve-default-service{args.in_flight}", lambda image: boxes[0], chips=chips)
+    m.seconds = [wall / len(images)] * len(images)
+    m.boxes = boxes  # type: ignore[attr-defined]
+    return m
+
+
 # ---- data and scoring ---------------------------------------------------------------------------------------
 def load_coco(data: Path) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads((data / "annotations.json").read_text())
@@ -220,21 +262,27 @@ def coco_ap(gt_path: Path, results: list[dict[str, Any]], image_ids: list[int]) 
     return {n: float(v) for n, v in zip(names, ev.stats[:6], strict=True)}
 
 
-def engine_chips_per_s(engine: OnnxRuntimeEngine, batch: int, seconds: float = 3.0) -> float:
-    """Chips per second of ``engine.infer`` alone on full batches (after one warm-up call)."""
-    c = engine.card.input_size
+def engine_only_method(pipeline: Pipeline, options: DetectOptions, batch: int) -> Method:
+    """The engine alone on as many chips as ``options`` plans for each image (zero inputs, batches of
+    ``batch``): the images/s limit if cropping, decoding outputs and merging cost nothing. Interleaved
+    with the other methods, so it sees the same CPU contention."""
+    c = pipeline.card.input_size
     x = np.zeros((batch, 3, c, c), np.float32)
-    engine.infer(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        engine.infer(x)
-        n += batch
-    return n / (time.perf_counter() - t0)
+    chips: list[int] = []
+
+    def detect(image: np.ndarray) -> Boxes:
+        n = plan((image.shape[1], image.shape[0]), pipeline.plan_config(options)).num_chips  # microseconds
+        for start in range(0, n, batch):
+            pipeline.engine.infer(x[: min(batch, n - start)])
+        chips.append(n)
+        return np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32)
+
+    return Method(ENGINE_ONLY, detect, chips=chips)
 
 
 def comparisons(methods: dict[str, dict[str, Any]], chips_per_s: float) -> list[dict[str, Any]]:
     """Every snipserve configuration against both SAHI runs: throughput ratio and AP difference, plus the
-    configuration's engine-only limit (chips/s over its chips per image) and its share of that limit."""
+    configuration's engine-only limit (engine chips/s over its chips per image) and its share of it."""
     rows = []
     for name, ours in methods.items():
         if not name.startswith("snipserve"):
@@ -261,6 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="chips per engine call, both sides")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     p.add_argument("--seed", type=int, default=0, help="order of the methods per image")
+    p.add_argument("--in-flight", type=int, default=4, help="images in flight for the service-path phase (0: skip)")
     p.add_argument(
         "--levels", action="append", default=[], metavar="NAME=JSON",
         help='extra snipserve configuration, e.g. coarse=\'[{"scale": 0.6}, {"long_side": 256}]\'',
@@ -281,11 +330,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = coco["images"][: args.images]
 
     threshold = args.score_threshold
+    default_opts = DetectOptions(score_threshold=threshold, max_detections=1000)
     methods = [
         sahi_method("sahi", engine, args, batch=1),  # SAHI's default: one slice per model call
         sahi_method(f"sahi-batch{args.batch}", engine, args, batch=args.batch),
         pipeline_method("snipserve-equal", pipeline, equal_slicing_options(card, args.overlap, threshold), []),
     ]
+    methods.append(engine_only_method(pipeline, default_opts, args.batch))
     for preset in card.preset_names:
         opts = DetectOptions(preset=preset, score_threshold=threshold, max_detections=1000)
         methods.append(pipeline_method(f"snipserve-{preset}", pipeline, opts, []))
@@ -309,6 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             m.results += coco_results(info["id"], boxes, class_to_category)
         print(f"{k + 1}/{len(images)} " + " ".join(f"{m.name} {m.seconds[-1]:.2f}s" for m in methods), flush=True)
 
+    if args.in_flight > 0:
+        decoded = [cv2.cvtColor(cv2.imread(str(args.data / i["file_name"])), cv2.COLOR_BGR2RGB) for i in images]
+        m = service_method(pipeline, decoded, default_opts, args)
+        for info, boxes in zip(images, m.boxes, strict=True):  # type: ignore[attr-defined]
+            m.results += coco_results(info["id"], boxes, class_to_category)
+        methods.append(m)
+        del decoded
+        print(f"{m.name}: {len(images) / sum(m.seconds):.2f} images/s", flush=True)
+
     image_ids = [i["id"] for i in images]
     report: dict[str, Any] = {
         "model": str(args.model), "card": card.name, "images": len(images), "score_threshold": args.score_threshold,
@@ -321,10 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds_per_image_mean": total / len(images),
             "chips_per_image_mean": float(np.mean(m.chips)) if m.chips else None,
             "detections": len(m.results),
-            **coco_ap(args.data / "annotations.json", m.results, image_ids),
+            **(coco_ap(args.data / "annotations.json", m.results, image_ids) if m.name != ENGINE_ONLY else {}),
         }
-    chips_per_s = engine_chips_per_s(engine, args.batch)
-    report["engine_only_chips_per_s"] = chips_per_s
+    engine_only = report["methods"].pop(ENGINE_ONLY)
+    chips_per_s = engine_only["images_per_s"] * engine_only["chips_per_image_mean"]
+    report["engine_only"] = {"chips_per_s": chips_per_s, "default_images_per_s_limit": engine_only["images_per_s"]}
     report["comparisons"] = comparisons(report["methods"], chips_per_s)
     text = json.dumps(report, indent=2)
     print(text)

@@ -1,7 +1,8 @@
 """``snipserve export onnx|tensorrt``: export a trained model.
 
 ``onnx``: ``model.pt`` (from ``snipserve train``) -> ONNX with dynamic batch, checked against PyTorch, with the
-model card in its metadata. ``tensorrt`` is not implemented yet (it needs the ``gpu`` extra).
+model card in its metadata. ``tensorrt``: ONNX -> serialized TensorRT engine + manifest (:mod:`exporters.tensorrt`;
+needs the ``gpu`` extra on a GPU host).
 """
 
 from __future__ import annotations
@@ -31,17 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - torch|")
+    from exporters.tensorrt import add_tensorrt_arguments  # no heavy imports at module level
+
+    add_tensorrt_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.format == "tensorrt":
-        print(
-            "snipserve export tensorrt: not implemented yet; it needs a GPU host with the 'gpu' extra "
-            "(pip install 'snipserve[gpu]'). Export ONNX with `snipserve export onnx` and serve it with the "
-            "ONNX Runtime engine meanwhile.",
-            file=sys.stderr,
-        )
-        return 2
+        from exporters.tensorrt import run_cli
+
+        return run_cli(args)
     from exporters.onnx import OnnxExportConfig, ParityError, export_onnx
 
     evaluation = json.loads(args.eval_json.read_text()) if args.eval_json else None

@@ -85,6 +85,11 @@ class TrainConfig(BaseModel):
         "(progress = max(step / steps, time / budget)), so a busy machine still anneals the learning rate.",
     )
     threads: int = Field(default=2, ge=1, description="torch CPU threads.")
+    init_from: Path | None = Field(
+        default=None,
+        description="Start from this model.pt's weights (a second stage: fresh optimiser, schedule and mining); "
+        "its training time and steps are added to this run's in the saved metadata.",
+    )
     net: NetConfig = Field(default_factory=NetConfig, description="Architecture.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="SNIPER chips and levels.")
 
@@ -344,6 +349,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         items = items[: cfg.max_images]
     sc = cfg.sampler
     net = TinyDet(cfg.net)
+    previous: dict[str, Any] = {}
+    if cfg.init_from is not None:
+        init = torch.load(cfg.init_from, weights_only=False, map_location="cpu")
+        net.load_state_dict(init["model"])
+        previous = init.get("training", {})
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = cfg.out / "last.pt"
     step, elapsed, negatives = 0, 0.0, []
@@ -433,11 +443,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "training": {
                 "config": json.loads(cfg.model_dump_json()),
                 "seed": cfg.seed,
-                "steps": step,
+                "steps": step + int(previous.get("steps", 0)),
+                "stages": [
+                    *previous.get("stages", [_stage(previous)] if previous else []),
+                    {"steps": step, "train_seconds": round(elapsed, 1), "init_from": _str_or_none(cfg.init_from)},
+                ],
                 "images": len(items),
                 "positive_chips": sum(k == "pos" for k in pool.kinds),
                 "negative_chips": len(negatives),
-                "train_seconds": round(elapsed, 1),
+                "train_seconds": round(elapsed + float(previous.get("train_seconds", 0.0)), 1),
                 "chip_pool_seconds": round(pool_seconds, 1),
                 "hardware": hardware(),
             },
@@ -446,6 +460,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     )
     print(f"saved {out} after {step} steps, {elapsed / 60:.1f} min of training")
     return out
+
+
+def _stage(training: dict[str, Any]) -> dict[str, Any]:
+    """A compact record of an earlier training stage."""
+    return {"steps": training.get("steps"), "train_seconds": training.get("train_seconds"), "init_from": None}
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _re_add_negatives(

@@ -63,3 +63,12 @@ def test_loss_falls_and_resume(dataset: Path, tmp_path: Path) -> None:
     assert len((cfg.out / "log.jsonl").read_text().splitlines()) == len(log) + 2  # steps 65 and 70
     logits, ltrb = net(torch.zeros(1, 3, 128, 128))
     assert logits.shape == (1, 3, 32, 32) and ltrb.shape == (1, 4, 32, 32) and bool((ltrb >= 0).all())
+
+
+def test_second_stage_from_weights(dataset: Path, tmp_path: Path) -> None:
+    first = train(tiny_config(dataset, tmp_path / "a", steps=6), progress=False)
+    cfg = tiny_config(dataset, tmp_path / "b", steps=4).model_copy(update={"init_from": first, "mining_step": 0})
+    _, meta = load_trained(train(cfg, progress=False))
+    t = meta["training"]
+    assert t["steps"] == 10 and [s["steps"] for s in t["stages"]] == [6, 4]
+    assert t["train_seconds"] >= t["stages"][1]["train_seconds"]

@@ -199,6 +199,7 @@ def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> Tenso
     config.add_optimization_profile(profile)
 
     calibration: dict[str, Any] = {}
+    calibrator: Any = None
     if cfg.precision in ("fp16", "int8"):
         flag = getattr(trt.BuilderFlag, "FP16", None)
         if flag is None:
@@ -223,7 +224,9 @@ def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> Tenso
         )
         batch = min(p.opt_batch, max(1, chips.shape[0]))
         config.set_flag(int8)
-        config.int8_calibrator = _make_calibrator(trt, chips, batch, cfg.calibration_cache, inp.name)
+        # Held in a local until the build returns: the binding may not keep the Python object alive.
+        calibrator = _make_calibrator(trt, chips, batch, cfg.calibration_cache, inp.name)
+        config.int8_calibrator = calibrator
         # Dynamic shapes: calibration runs at one shape, given by a profile whose min = opt = max.
         calib_profile = builder.create_optimization_profile()
         shape = (batch, 3, c, c)
@@ -245,6 +248,7 @@ def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> Tenso
         config.set_timing_cache(timing_cache, ignore_mismatch=False)
 
     serialized = builder.build_serialized_network(network, config)
+    del calibrator  # the build is done with it
     if serialized is None:
         raise ExportError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,6 +221,8 @@ def crop_to_device(
         return out[:0]
     if out.shape[0] < k or out.shape[1:] != (3, c, c) or out.dtype != cp.float32:
         raise ValueError(f"out must be float32 [>= {k}, 3, C, C], got {out.dtype} {out.shape}")
+    if not all(im.flags.c_contiguous and im.dtype == cp.uint8 and im.ndim == 3 for im in level_images):
+        raise ValueError("level images must be C-contiguous uint8 [h, w, 3] device arrays")
     ptrs = cp.asarray(np.array([im.data.ptr for im in level_images], np.uint64))
     hw = cp.asarray(np.array([im.shape[:2] for im in level_images], np.int32))
     d_chips = cp.asarray(np.ascontiguousarray(chips, np.int32))

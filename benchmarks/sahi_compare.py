@@ -79,6 +79,7 @@ class SnipserveOnnxModel(DetectionModel):  # type: ignore[misc]
         self.norm = Normalizer.from_card(model.card)
         self.adapter = get_adapter(model.card)
         self.category_mapping = {str(i): name for i, name in enumerate(model.card.classes)}
+        self.slices = 0  # model inputs so far (slices plus whole-image passes)
 
     def _prepare(self, image: np.ndarray, buffer: np.ndarray) -> float:
         """Write ``image`` (``uint8 [H, W, 3]`` RGB) into ``buffer`` ``[3, C, C]``; returns the resize factor."""
@@ -93,6 +94,7 @@ class SnipserveOnnxModel(DetectionModel):  # type: ignore[misc]
         return scale
 
     def _run(self, images: Sequence[np.ndarray]) -> list[Boxes]:
+        self.slices += len(images)
         c = self.model.card.input_size
         batch = np.empty((len(images), 3, c, c), np.float32)
         scales = [self._prepare(img, batch[i]) for i, img in enumerate(images)]
@@ -159,21 +161,24 @@ class Method:
 def sahi_method(name: str, engine: OnnxRuntimeEngine, args: argparse.Namespace, batch: int) -> Method:
     model = SnipserveOnnxModel(model=engine, confidence_threshold=args.score_threshold, device="cpu")
     c = engine.card.input_size
+    chips: list[int] = []
 
     def detect(image: np.ndarray) -> Boxes:
+        before = model.slices
         result = get_sliced_prediction(
             image, model, slice_height=c, slice_width=c,
             overlap_height_ratio=args.overlap, overlap_width_ratio=args.overlap,
             perform_standard_pred=True, postprocess_type="NMS", postprocess_match_metric="IOU",
             postprocess_match_threshold=0.5, verbose=0, batch_size=batch, force_postprocess_type=True,
         )  # fmt: skip
+        chips.append(model.slices - before)
         preds = result.object_prediction_list
         boxes = np.asarray([p.bbox.to_xyxy() for p in preds], np.float32).reshape(-1, 4)
         scores = np.asarray([p.score.value for p in preds], np.float32)
         classes = np.asarray([p.category.id for p in preds], np.int32)
         return boxes, scores, classes
 
-    return Method(name, detect)
+    return Method(name, detect, chips=chips)
 
 
 def pipeline_method(name: str, pipeline: Pipeline, options: DetectOptions, chips: list[int]) -> Method:

@@ -92,6 +92,8 @@ def build_card(
         presets = {
             # One chip with the whole image: large objects only, the cheapest possible pass.
             "fast": (LevelSpec(long_side=chip),),
+            # Native-resolution fine level instead of the upsampled one: about half the chips.
+            "balanced": (LevelSpec(scale=1.0), LevelSpec(scale=0.4), LevelSpec(long_side=chip)),
         }
     training = dict(meta.get("training", {}))
     training.setdefault("method", "SNIPER chips at the default levels, invalid GT ignored, negative chip mining")

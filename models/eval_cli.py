@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder for the Markdown table and PNG plot (default: next to --json, else runs/eval)",
     )
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--preset", default="default", help="levels preset of the model card that 'pyramid' runs")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from models.evaluate import MODES, EvalConfig, evaluate, markdown_table, write_reports
 
     modes = MODES if "all" in args.mode else tuple(dict.fromkeys(args.mode))
-    cfg = EvalConfig(max_images=args.max_images, threads=args.threads)
+    cfg = EvalConfig(max_images=args.max_images, threads=args.threads, preset=args.preset)
     results = evaluate(args.data, args.model, modes, cfg, progress=not args.no_progress)
     out_dir = args.out_dir or (args.json.parent if args.json is not None else Path("runs/eval"))
     paths = write_reports(results, args.json, out_dir)

@@ -3,7 +3,8 @@
 - ``single``: the whole image resized into one chip (long side = C), hard NMS.
 - ``slices``: SAHI-style uniform tiles at native resolution (overlap 0.2 of the chip) plus a full-image
   pass, no valid ranges, no inner-edge filter, merged with hard NMS at IoU 0.5.
-- ``pyramid``: the model card's default SNIP levels with their valid ranges, Gaussian soft-NMS.
+- ``pyramid``: the model card's default SNIP levels (or another preset of the card) with their valid
+  ranges, Gaussian soft-NMS.
 
 Every mode runs :meth:`service.pipeline.Pipeline.detect` -- the code the service runs -- and is scored with
 pycocotools (AP, AP50, AP75, AP_S/M/L; ``area`` is box area) plus AP in finer size bins for the plot.
@@ -46,6 +47,7 @@ class EvalConfig(BaseModel):
     slice_overlap: float = Field(default=0.2, ge=0, lt=1, description="Tile overlap of 'slices', fraction of C.")
     nms_iou: float = Field(default=0.5, gt=0, le=1, description="Hard-NMS IoU of 'single' and 'slices'.")
     soft_nms_sigma: float = Field(default=0.5, gt=0, description="Gaussian soft-NMS sigma of 'pyramid'.")
+    preset: str = Field(default="default", description="The model card's levels preset that 'pyramid' runs.")
     max_images: int | None = Field(default=None, ge=1, description="Evaluate only the first N images.")
     threads: int = Field(default=2, ge=1, description="ONNX Runtime intra-op threads.")
     max_batch: int = Field(default=16, ge=1, description="Chips per engine call.")
@@ -62,7 +64,8 @@ def mode_options(mode: Mode, chip: int, cfg: EvalConfig) -> DetectOptions:
         native = LevelSpec(scale=1.0, valid=(-1, None), overlap=cfg.slice_overlap)
         return DetectOptions(levels=(native, whole), merge=hard, edge_filter=False, **common)
     if mode == "pyramid":
-        return DetectOptions(preset="default", merge=MergeConfig(method="gaussian", sigma=cfg.soft_nms_sigma), **common)
+        merge = MergeConfig(method="gaussian", sigma=cfg.soft_nms_sigma)
+        return DetectOptions(preset=cfg.preset, merge=merge, **common)
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import metrics
 from service.adapters import Adapter, ChipDetections
 from service.crop import Normalizer, write_chip
-from service.engine import Engine
+from service.engine import Engine, engine_on_gpu
 from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
 from service.plan import ChipPlan
 
@@ -52,7 +52,13 @@ class BatcherConfig(BaseModel):
     bulk_queue_capacity: int = Field(
         default=1024, ge=1, description="Chips queued at most in the bulk (streaming) lane, a budget apart."
     )
-    pipeline_depth: int = Field(default=2, ge=1, le=8, description="Batches in flight (crop of the next overlaps inference).")
+    pipeline_depth: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="Batches in flight; above 1, cropping the next batch overlaps inference. Default: 2 when the "
+        "engine runs on a GPU, 1 on the CPU, where overlapping threads would only compete with inference's own.",
+    )
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
 
 
@@ -99,13 +105,14 @@ class Batcher:
         self.config = config
         self.max_batch = min(config.max_batch, engine.max_batch)
         c = engine.card.input_size
-        self._buffers = [np.empty((self.max_batch, 3, c, c), np.float32) for _ in range(config.pipeline_depth)]
+        self.depth = config.pipeline_depth or (2 if engine_on_gpu(engine) else 1)
+        self._buffers = [np.empty((self.max_batch, 3, c, c), np.float32) for _ in range(self.depth)]
         self._lanes: dict[Priority, collections.deque[ChipWork]] = {p: collections.deque() for p in PRIORITIES}
         self._lane_pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # chips queued per lane
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(config.pipeline_depth)
+        self._slots = asyncio.Semaphore(self.depth)
         self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="snipserve-engine")
-        self._prep_pool = ThreadPoolExecutor(config.pipeline_depth, thread_name_prefix="snipserve-prep")
+        self._prep_pool = ThreadPoolExecutor(self.depth, thread_name_prefix="snipserve-prep")
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._closing = False

@@ -229,6 +229,12 @@ def create_engine(model_path: Path | None, config: EngineConfig) -> Engine:
     return OnnxRuntimeEngine(model_path, config)
 
 
+def engine_on_gpu(engine: Engine) -> bool:
+    """True when inference runs on a GPU (TensorRT, or an ONNX Runtime GPU provider is active)."""
+    gpu_providers = {ORT_PROVIDER_NAMES["cuda"], ORT_PROVIDER_NAMES["tensorrt"]}
+    return engine.name == "tensorrt" or bool(gpu_providers & set(engine.providers))
+
+
 def warm_up(engine: Engine, sizes: Sequence[int] = (1,)) -> float:
     """Run zero batches of the given sizes once (first-call allocations, kernel selection); returns seconds."""
     c = engine.card.input_size

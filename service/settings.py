@@ -58,8 +58,11 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")
     queue_capacity: int = Field(default=4096, ge=1, description="Queued chips at most; beyond it 503 + Retry-After.")
     bulk_queue_capacity: int = Field(default=1024, ge=1, description="Queued streaming/batch chips at most.")
-    pipeline_depth: int = Field(
-        default=2, ge=1, le=8, description="Engine batches in flight (crop overlaps inference)."
+    pipeline_depth: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="Engine batches in flight (above 1, crop overlaps inference); unset: 2 on a GPU, 1 on the CPU.",
     )
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")

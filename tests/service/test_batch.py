@@ -190,3 +190,13 @@ async def test_results_map_back_to_each_requests_chips() -> None:
         assert math.isinf(w1.deadline)
     finally:
         await b.stop()
+
+
+def test_pipeline_depth_defaults_by_device() -> None:
+    """Overlap crop with inference only where inference has its own device (see BatcherConfig)."""
+    cpu = FakeEngine()
+    assert make_batcher(cpu).depth == 1
+    gpu = FakeEngine()
+    gpu.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert make_batcher(gpu).depth == 2
+    assert make_batcher(cpu, pipeline_depth=3).depth == 3

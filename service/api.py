@@ -127,7 +127,9 @@ async def read_limited(request: Request, limit: int) -> bytes:
     """The raw body, refusing (413) past ``limit`` bytes without reading further."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ImageTooLarge(f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)")
+        raise ImageTooLarge(
+            f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)"
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -144,7 +146,9 @@ async def read_image_and_params(request: Request, limit: int) -> tuple[bytes, di
     if ctype == "multipart/form-data":
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            raise ImageTooLarge(f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)")
+            raise ImageTooLarge(
+                f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)"
+            )
         try:
             form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
         except Exception as exc:  # starlette raises MultiPartException / HTTPException on malformed bodies
@@ -219,7 +223,9 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     app = FastAPI(
         title="snipserve",
         version="0.1.0",
-        description="Small-object detection in large images: SNIP/SNIPER pyramid, chips batched across requests, soft-NMS.",
+        description=(
+            "Small-object detection in large images: SNIP/SNIPER pyramid, chips batched across requests, soft-NMS."
+        ),
         lifespan=lifespan,
     )
     app.state.snipserve = state
@@ -282,7 +288,11 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
                 "required": True,
                 "content": {
                     "multipart/form-data": {
-                        "schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
                     },
                     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -294,10 +304,27 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
                         "application/json": {
                             "example": {
                                 "image": {"width": 1920, "height": 1080},
-                                "detections": [{"box": [100.5, 200.0, 112.0, 209.5], "score": 0.91, "class_id": 0, "label": "vehicle", "level": 0}],
+                                "detections": [
+                                    {
+                                        "box": [100.5, 200.0, 112.0, 209.5],
+                                        "score": 0.91,
+                                        "class_id": 0,
+                                        "label": "vehicle",
+                                        "level": 0,
+                                    }
+                                ],
                                 "model": "snipserve-aerial",
                                 "chips": 21,
-                                "timings": {"decode": 12.1, "plan": 0.1, "crop": 3.2, "queue_wait": 1.0, "infer": 180.4, "postprocess": 0.8, "merge": 1.5, "total": 199.1},
+                                "timings": {
+                                    "decode": 12.1,
+                                    "plan": 0.1,
+                                    "crop": 3.2,
+                                    "queue_wait": 1.0,
+                                    "infer": 180.4,
+                                    "postprocess": 0.8,
+                                    "merge": 1.5,
+                                    "total": 199.1,
+                                },
                             }
                         },
                         "image/jpeg": {},
@@ -314,16 +341,26 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
     )
     async def detect(
         request: Request,
-        preset: Annotated[str | None, Query(description="Levels preset from the model card.", examples=["default"])] = None,
+        preset: Annotated[
+            str | None, Query(description="Levels preset from the model card.", examples=["default"])
+        ] = None,
         levels: Annotated[
             str | None,
             Query(description='Explicit levels as JSON, e.g. [{"scale": 2, "valid": [-1, 40]}, {"long_side": 512}]'),
         ] = None,
-        min_object_size: Annotated[float | None, Query(gt=0, description="Smallest object, sqrt(area) in original px.")] = None,
-        max_object_size: Annotated[float | None, Query(gt=0, description="Largest object, sqrt(area) in original px.")] = None,
-        score_threshold: Annotated[float | None, Query(ge=0, le=1, description="Minimum score (default: the model's).")] = None,
+        min_object_size: Annotated[
+            float | None, Query(gt=0, description="Smallest object, sqrt(area) in original px.")
+        ] = None,
+        max_object_size: Annotated[
+            float | None, Query(gt=0, description="Largest object, sqrt(area) in original px.")
+        ] = None,
+        score_threshold: Annotated[
+            float | None, Query(ge=0, le=1, description="Minimum score (default: the model's).")
+        ] = None,
         classes: Annotated[str | None, Query(description="Comma-separated class names or ids to keep.")] = None,
-        max_detections: Annotated[int | None, Query(ge=1, le=10000, description="At most this many detections.")] = None,
+        max_detections: Annotated[
+            int | None, Query(ge=1, le=10000, description="At most this many detections.")
+        ] = None,
         merge: Annotated[str | None, Query(description="Soft-NMS method: gaussian, linear or hard.")] = None,
         sigma: Annotated[float | None, Query(gt=0, description="Gaussian soft-NMS sigma.")] = None,
         iou_threshold: Annotated[float | None, Query(ge=0, le=1, description="Nt for linear/hard merge.")] = None,
@@ -447,4 +484,3 @@ def _batcher(state: State) -> Batcher:
     if state.batcher is None:
         raise NotReady("the service is not ready yet", headers={"Retry-After": "1"})
     return state.batcher
-

@@ -47,7 +47,9 @@ class BatcherConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
-    max_delay_ms: float = Field(default=5.0, ge=0, le=10_000, description="Wait this long after a batch's first chip for more.")
+    max_delay_ms: float = Field(
+        default=5.0, ge=0, le=10_000, description="Wait this long after a batch's first chip for more."
+    )
     queue_capacity: int = Field(default=4096, ge=1, description="Chips queued at most; beyond it requests get 503.")
     bulk_queue_capacity: int = Field(
         default=1024, ge=1, description="Chips queued at most in the bulk (streaming) lane, a budget apart."
@@ -195,7 +197,9 @@ class Batcher:
             kept: collections.deque[ChipWork] = collections.deque()
             for work in lane:
                 if not work.dropped and now >= work.deadline:
-                    work.future.set_exception(DeadlineExceeded("deadline passed while queued; chips dropped before inference"))
+                    work.future.set_exception(
+                        DeadlineExceeded("deadline passed while queued; chips dropped before inference")
+                    )
                     metrics.REJECTIONS.labels(reason="deadline").inc()
                 if work.dropped:
                     self._lane_pending[priority] -= work.remaining

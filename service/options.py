@@ -40,11 +40,11 @@ class DetectOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DetectOptions:
-        if self.min_object_size is not None and self.max_object_size is not None:
-            if self.min_object_size >= self.max_object_size:
-                raise ValueError(
-                    f"min_object_size ({self.min_object_size}) must be below max_object_size ({self.max_object_size})"
-                )
+        lo, hi = self.min_object_size, self.max_object_size
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(
+                f"min_object_size ({self.min_object_size}) must be below max_object_size ({self.max_object_size})"
+            )
         if self.levels is not None and (self.min_object_size is not None or self.max_object_size is not None):
             raise ValueError("give either explicit 'levels' or an object size range, not both")
         return self

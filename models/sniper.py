@@ -261,16 +261,6 @@ def crop_chip(level_image: np.ndarray, x0: int, y0: int, chip: int) -> tuple[np.
     return out, cw, ch
 
 
-def resize_level(image: np.ndarray, level: Level) -> np.ndarray:
-    """The image resized to ``level``'s size (area filter down, linear up)."""
-    import cv2
-
-    if (level.width, level.height) == (image.shape[1], image.shape[0]):
-        return image
-    interp = cv2.INTER_AREA if level.scale < 1 else cv2.INTER_LINEAR
-    return cv2.resize(image, (level.width, level.height), interpolation=interp)
-
-
 def decode(
     heat: np.ndarray, ltrb: np.ndarray, score_threshold: float, max_per_chip: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -46,9 +46,9 @@ from models.sniper import (
     describe_levels,
     negative_chips,
     positive_chips,
-    resize_level,
 )
 from models.synth import CLASSES, load_coco
+from service.crop import resize_level
 from service.plan import PlanConfig, plan
 
 MEAN = (0.485, 0.456, 0.406)

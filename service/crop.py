@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from service.modelcard import ModelCard
-from service.plan import ChipPlan
+from service.plan import ChipPlan, Level
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,21 @@ class Normalizer:
         return self.bias
 
 
+def resize_level(image: np.ndarray, level: Level) -> np.ndarray:
+    """``image`` (``uint8 [H, W, 3]``) at ``level``'s size: the image itself where the size is unchanged.
+
+    INTER_AREA anti-aliases when shrinking, INTER_LINEAR enlarges. SNIPER training resizes with this
+    same function, so the model sees the same pixels in training and in service.
+    """
+    if (level.width, level.height) == (image.shape[1], image.shape[0]):
+        return image
+    interp = cv2.INTER_AREA if level.scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (level.width, level.height), interpolation=interp)
+
+
 def resize_levels(image: np.ndarray, plan: ChipPlan) -> list[np.ndarray]:
-    """One resized copy per level: ``uint8 [h_l, w_l, 3]`` (the original itself where scale is 1)."""
-    out = []
-    for lv in plan.levels:
-        h, w = image.shape[:2]
-        if (lv.width, lv.height) == (w, h):
-            out.append(image)
-            continue
-        # INTER_AREA anti-aliases when shrinking; INTER_LINEAR is the usual choice when enlarging.
-        interp = cv2.INTER_AREA if lv.scale < 1 else cv2.INTER_LINEAR
-        out.append(cv2.resize(image, (lv.width, lv.height), interpolation=interp))
-    return out
+    """One resized copy per level of ``plan``."""
+    return [resize_level(image, lv) for lv in plan.levels]
 
 
 def write_chip(dst: np.ndarray, level_image: np.ndarray, x0: int, y0: int, norm: Normalizer) -> None:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
 from service.adapters import Adapter, ChipDetections
-from service.crop import Normalizer, write_chip
+from service.crop import Normalizer, chip_buffer, write_chip_as
 from service.engine import Engine, engine_on_gpu
 from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
 from service.plan import ChipPlan
@@ -108,7 +108,8 @@ class Batcher:
         self.max_batch = min(config.max_batch, engine.max_batch)
         c = engine.card.input_size
         self.depth = config.pipeline_depth or (2 if engine_on_gpu(engine) else 1)
-        self._buffers = [np.empty((self.max_batch, 3, c, c), np.float32) for _ in range(self.depth)]
+        self.layout = engine.input_layout
+        self._buffers = [chip_buffer(self.layout, self.max_batch, c) for _ in range(self.depth)]
         self._lanes: dict[Priority, collections.deque[ChipWork]] = {p: collections.deque() for p in PRIORITIES}
         self._lane_pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # chips queued per lane
         self._wakeup = asyncio.Event()
@@ -296,7 +297,8 @@ class Batcher:
             chips = s.work.plan.chips
             for k in range(s.start, s.stop):
                 level, x0, y0 = chips[k]
-                write_chip(buffer[s.row + k - s.start], s.work.level_images[level], int(x0), int(y0), self.norm)
+                dst = buffer[s.row + k - s.start]
+                write_chip_as(self.layout, dst, s.work.level_images[level], int(x0), int(y0), self.norm)
             thresholds[s.row : s.row + s.stop - s.start] = s.work.threshold
         return thresholds
 

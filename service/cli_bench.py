@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="engine batch size")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
     parser.add_argument("--spin", action="store_true", help="let ONNX Runtime threads spin (SNIPSERVE_ORT_SPIN)")
+    parser.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="normalise chips in NumPy (SNIPSERVE_FUSE_PREPROCESS=false)",
+    )
     parser.add_argument("--engine-seconds", type=float, default=10.0, help="time for the engine-only measurement")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent HTTP clients")
     parser.add_argument("--http-seconds", type=float, default=30.0, help="time for the HTTP measurement")
@@ -38,12 +44,15 @@ def _images(args: argparse.Namespace) -> list[bytes]:
     return [s.jpeg for s in generate(cfg, seed=args.seed, count=args.images)]
 
 
-def bench_engine(pipeline: Any, seconds: float) -> float:
-    """Chips/s of the engine alone on full batches of real chips."""
+def bench_engine(pipeline: Any, image: np.ndarray, seconds: float) -> float:
+    """Chips/s of the engine alone on full batches of real chips (cut from ``image``, in the engine's layout)."""
+    from service.crop import crop_plan
+    from service.options import DetectOptions
+
     engine = pipeline.engine
-    c = engine.card.input_size
-    rng = np.random.default_rng(0)
-    batch = rng.normal(0, 1, (engine.max_batch, 3, c, c)).astype(np.float32)
+    prepared = pipeline.prepare(image, DetectOptions())
+    chips = crop_plan(prepared.level_images, prepared.plan, pipeline.norm, layout=engine.input_layout)
+    batch = np.ascontiguousarray(chips[: engine.max_batch])
     engine.infer(batch)  # warm
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -68,7 +77,14 @@ def bench_pipeline(pipeline: Any, images: list[np.ndarray]) -> tuple[float, floa
 
 
 def bench_http(
-    model: Path | None, images: list[bytes], concurrency: int, seconds: float, max_batch: int, threads: int, spin: bool
+    model: Path | None,
+    images: list[bytes],
+    concurrency: int,
+    seconds: float,
+    max_batch: int,
+    threads: int,
+    spin: bool,
+    fuse: bool,
 ) -> dict[str, Any]:
     """Images/s of the real HTTP service (a `snipserve serve` process) under ``concurrency`` closed-loop clients."""
     import os
@@ -88,6 +104,7 @@ def bench_http(
         "SNIPSERVE_INTRA_OP_THREADS": str(threads),
         "SNIPSERVE_LOG_LEVEL": "warning",
         "SNIPSERVE_ORT_SPIN": "true" if spin else "false",
+        "SNIPSERVE_FUSE_PREPROCESS": "true" if fuse else "false",
     }
     if model is not None:
         env["SNIPSERVE_MODEL_PATH"] = str(model)
@@ -156,13 +173,17 @@ def run(args: argparse.Namespace) -> int:
     from service.decode import DecodeConfig, decode_image
 
     decoded = [decode_image(j, DecodeConfig()) for j in jpegs]
-    engine_config = EngineConfig(max_batch=args.max_batch, intra_op_threads=args.threads, spin=args.spin)
+    engine_config = EngineConfig(
+        max_batch=args.max_batch, intra_op_threads=args.threads, spin=args.spin, fuse_preprocess=args.fuse
+    )
     pipeline = Pipeline.load(model, engine_config)
-    engine_cps = bench_engine(pipeline, args.engine_seconds)
+    engine_cps = bench_engine(pipeline, decoded[0], args.engine_seconds)
     pipe_ips, chips_per_image, stages = bench_pipeline(pipeline, decoded)
     limit = engine_cps / chips_per_image
     pipeline.engine.close()
-    http = bench_http(args.model, jpegs, args.concurrency, args.http_seconds, args.max_batch, args.threads, args.spin)
+    http = bench_http(
+        args.model, jpegs, args.concurrency, args.http_seconds, args.max_batch, args.threads, args.spin, args.fuse
+    )
     result = {
         "model": str(model),
         "images": len(jpegs),

@@ -1,20 +1,30 @@
 """Crop: resize once per level, then write chips straight into the engine's batch buffer.
 
-A chip is normalised while it is copied (``(pixel / 255 - mean) / std``, channel order per the card),
-so there is no per-chip temporary beyond the one resized image per level. Where a chip extends past
-its level image (a level smaller than one chip, or the padded border), the buffer holds the
-normalised value of a black pixel (0), the same padding the training sampler uses.
+Two buffer layouts, chosen by the engine (``engine.input_layout``):
+
+- ``float32_nchw``: the model's own input. A chip is normalised while it is copied
+  (``(pixel / 255 - mean) / std``, channel order per the card).
+- ``uint8_nhwc``: raw pixels; the engine's graph normalises (ONNX Runtime with
+  ``fuse_preprocess``, see :mod:`service.engine`). Copying bytes moves a quarter of the data and leaves
+  the arithmetic to the engine's own thread pool.
+
+Either way there is no per-chip temporary beyond the one resized image per level. Where a chip extends
+past its level image (a level smaller than one chip, or the padded border), the chip holds a black
+pixel (0), normalised in the float layout: the same padding the training sampler uses.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
 
 from service.modelcard import ModelCard
 from service.plan import ChipPlan, Level
+
+ChipLayout = Literal["float32_nchw", "uint8_nhwc"]
 
 
 @dataclass(frozen=True)
@@ -74,13 +84,45 @@ def write_chip(dst: np.ndarray, level_image: np.ndarray, x0: int, y0: int, norm:
         dst[:, :h, w:] = norm.pad_value
 
 
+def write_chip_u8(dst: np.ndarray, level_image: np.ndarray, x0: int, y0: int) -> None:
+    """Copy the chip at ``(x0, y0)`` of ``level_image`` (``uint8 [h, w, 3]``) into ``dst``
+    (``uint8 [C, C, 3]``), zero (black) past the image."""
+    c = dst.shape[0]
+    region = level_image[y0 : y0 + c, x0 : x0 + c]
+    h, w = region.shape[:2]
+    dst[:h, :w] = region
+    if h < c or w < c:
+        dst[h:] = 0
+        dst[:h, w:] = 0
+
+
+def chip_buffer(layout: ChipLayout, n: int, chip_size: int) -> np.ndarray:
+    """An empty batch buffer of ``n`` chips in ``layout``."""
+    if layout == "uint8_nhwc":
+        return np.empty((n, chip_size, chip_size, 3), np.uint8)
+    return np.empty((n, 3, chip_size, chip_size), np.float32)
+
+
+def write_chip_as(
+    layout: ChipLayout, dst: np.ndarray, level_image: np.ndarray, x0: int, y0: int, norm: Normalizer
+) -> None:
+    """Write one chip into ``dst`` (one row of a :func:`chip_buffer`) in ``layout``."""
+    if layout == "uint8_nhwc":
+        write_chip_u8(dst, level_image, x0, y0)
+    else:
+        write_chip(dst, level_image, x0, y0, norm)
+
+
 def crop_plan(
-    level_images: list[np.ndarray], plan: ChipPlan, norm: Normalizer, out: np.ndarray | None = None
+    level_images: list[np.ndarray],
+    plan: ChipPlan,
+    norm: Normalizer,
+    out: np.ndarray | None = None,
+    layout: ChipLayout = "float32_nchw",
 ) -> np.ndarray:
-    """All chips of ``plan`` as ``float32 [K, 3, C, C]`` (into ``out`` when given)."""
-    k, c = plan.num_chips, plan.chip_size
+    """All chips of ``plan`` as a ``layout`` batch (``float32 [K, 3, C, C]`` by default), into ``out`` when given."""
     if out is None:
-        out = np.empty((k, 3, c, c), np.float32)
+        out = chip_buffer(layout, plan.num_chips, plan.chip_size)
     for i, (level, x0, y0) in enumerate(plan.chips.tolist()):
-        write_chip(out[i], level_images[level], x0, y0, norm)
+        write_chip_as(layout, out[i], level_images[level], x0, y0, norm)
     return out

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.crop import ChipLayout
 from service.engine import EngineConfig
 from service.engine_manifest import (
     BatchProfile,
@@ -100,6 +101,7 @@ class TensorRTEngine:
         self._runner = runner
         self.providers = ["tensorrt"]
         self.precision: str = manifest.precision
+        self.input_layout: ChipLayout = "float32_nchw"
         # The batcher never sends more than this; infer() still splits larger batches (direct callers).
         self.max_batch = min(max_batch, manifest.profile.max_batch)
         self._lock = threading.Lock()  # one set of device/pinned buffers: one call at a time

@@ -18,7 +18,7 @@ import numpy as np
 from service import metrics
 from service.adapters import Adapter, ChipDetections, get_adapter
 from service.batch import Batcher, Priority
-from service.crop import Normalizer, crop_plan, resize_levels
+from service.crop import Normalizer, chip_buffer, crop_plan, resize_levels
 from service.engine import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
 from service.modelcard import ModelCard
@@ -140,7 +140,8 @@ class Pipeline:
         """Crop and run every chip of ``prepared`` in engine-sized batches (the synchronous path)."""
         chip_plan = prepared.plan
         c, b = chip_plan.chip_size, self.engine.max_batch
-        buffer = np.empty((min(b, chip_plan.num_chips), 3, c, c), np.float32)
+        layout = self.engine.input_layout
+        buffer = chip_buffer(layout, min(b, chip_plan.num_chips), c)
         parts: list[ChipDetections] = []
         crop_s = infer_s = 0.0
         for start in range(0, chip_plan.num_chips, b):
@@ -148,7 +149,7 @@ class Pipeline:
                 chip_plan.image_size, c, chip_plan.levels, chip_plan.chips[start : start + b], chip_plan.edge_margin
             )
             t0 = time.perf_counter()
-            batch = crop_plan(prepared.level_images, sub, self.norm, out=buffer[: sub.num_chips])
+            batch = crop_plan(prepared.level_images, sub, self.norm, out=buffer[: sub.num_chips], layout=layout)
             t1 = time.perf_counter()
             outputs = self.engine.infer(batch)
             t2 = time.perf_counter()

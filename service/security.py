@@ -26,6 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics
+from service.observability import request_id_var
 from service.errors import Unauthorized
 
 OPEN_PATHS: frozenset[str] = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -83,10 +84,9 @@ class ApiKeyMiddleware:
 
 
 async def _send_unauthorized(send: Send) -> None:
-    exc = Unauthorized(
-        "missing or invalid API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'"
-    )
-    body = json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode()
+    exc = Unauthorized("missing or invalid API key: send it as 'X-API-Key: <key>' or 'Authorization: Bearer <key>'")
+    error = {"code": exc.code, "message": exc.message, "request_id": request_id_var.get()}
+    body = json.dumps({"error": error}).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

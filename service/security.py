@@ -26,8 +26,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import metrics
-from service.observability import request_id_var
 from service.errors import Unauthorized
+from service.observability import request_id_var
 
 OPEN_PATHS: frozenset[str] = frozenset({"/healthz", "/readyz", "/metrics"})
 AUTH_HEADERS: tuple[str, ...] = ("X-API-Key", "Authorization")

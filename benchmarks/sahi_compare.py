@@ -55,7 +55,7 @@ from sahi.prediction import ObjectPrediction  # noqa: E402
 
 from service.adapters import get_adapter  # noqa: E402
 from service.batch import Batcher, BatcherConfig  # noqa: E402
-from service.crop import Normalizer, write_chip  # noqa: E402
+from service.crop import Normalizer, chip_buffer, write_chip_as  # noqa: E402
 from service.engine import EngineConfig, OnnxRuntimeEngine  # noqa: E402
 from service.options import DetectOptions  # noqa: E402
 from service.pipeline import Pipeline  # noqa: E402
@@ -82,21 +82,22 @@ class SnipserveOnnxModel(DetectionModel):  # type: ignore[misc]
         self.slices = 0  # model inputs so far (slices plus whole-image passes)
 
     def _prepare(self, image: np.ndarray, buffer: np.ndarray) -> float:
-        """Write ``image`` (``uint8 [H, W, 3]`` RGB) into ``buffer`` ``[3, C, C]``; returns the resize factor."""
-        c = buffer.shape[-1]
+        """Write ``image`` (``uint8 [H, W, 3]`` RGB) into ``buffer`` (one chip in the engine's input layout);
+        returns the resize factor."""
+        c = self.model.card.input_size
         h, w = image.shape[:2]
         scale = min(1.0, c / max(h, w))
         if scale < 1.0:
             image = cv2.resize(
                 image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
             )
-        write_chip(buffer, image, 0, 0, self.norm)  # our own normalisation and padding: identical inputs
+        write_chip_as(self.model.input_layout, buffer, image, 0, 0, self.norm)  # the pipeline's own chip writer
         return scale
 
     def _run(self, images: Sequence[np.ndarray]) -> list[Boxes]:
         self.slices += len(images)
         c = self.model.card.input_size
-        batch = np.empty((len(images), 3, c, c), np.float32)
+        batch = chip_buffer(self.model.input_layout, len(images), c)
         scales = [self._prepare(img, batch[i]) for i, img in enumerate(images)]
         outputs = self.model.infer(batch)
         thresholds = np.full(len(images), self.confidence_threshold, np.float32)
@@ -271,8 +272,8 @@ def engine_only_method(pipeline: Pipeline, options: DetectOptions, batch: int) -
     """The engine alone on as many chips as ``options`` plans for each image (zero inputs, batches of
     ``batch``): the images/s limit if cropping, decoding outputs and merging cost nothing. Interleaved
     with the other methods, so it sees the same CPU contention."""
-    c = pipeline.card.input_size
-    x = np.zeros((batch, 3, c, c), np.float32)
+    x = chip_buffer(pipeline.engine.input_layout, batch, pipeline.card.input_size)
+    x[...] = 0
     chips: list[int] = []
 
     def detect(image: np.ndarray) -> Boxes:

@@ -7,7 +7,7 @@
 #   MODEL    ONNX model (default models/snipserve_default.onnx; its directory becomes SNIPSERVE_MODELS_DIR)
 #   OUT_DIR  where JSON/CSV/PNG go (default runs/load)
 # Env: PORT (8790), IMAGES (data/val/images), MAX_IMAGES (50), DURATION (40), WARMUP (10), SLO_MS (10000),
-#      SOAK_REQUESTS (5000), PY (.venv/bin/python).
+#      SOAK_REQUESTS (5000), SKIP_SOAK (0), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +87,7 @@ curl -fs "$URL/readyz"
 echo
 stop_server
 
+if [ "${SKIP_SOAK:-0}" = "1" ]; then echo "done (soak skipped): $OUT"; exit 0; fi
 echo "== soak: $SOAK_REQUESTS requests, 320x240 and 640x480 images, RSS sampled"
 start_server
 "$PY" -m loadtest soak --url "$URL" --pid "$SERVER_PID" --requests "$SOAK_REQUESTS" --concurrency 4 \

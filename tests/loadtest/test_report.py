@@ -65,6 +65,7 @@ def test_summary_drops_warmup_and_classifies_answers() -> None:
     s = samples(
         [
             (0.5, 0.5, 0.6, 500),  # warm-up: ignored
+            (0.8, 0.8, 1.2, 200),  # warm-up, but answered inside the window: counts for throughput only
             (1.0, 1.0, 1.1, 200),
             (1.5, 1.6, 1.7, 200),  # sent 0.1 late: latency counts from 1.5
             (2.0, 2.0, 2.1, 503),
@@ -79,7 +80,7 @@ def test_summary_drops_warmup_and_classifies_answers() -> None:
     m = summarize(s, mode="open", arrival="constant", target_rate=2.0, concurrency=None, start=1.0, duration_s=4.0)
     assert m.requests == 8 and m.offered_rps == 2.0
     assert (m.ok, m.rejected, m.timed_out, m.errors) == (3, 1, 2, 2)
-    assert m.achieved_rps == 2 / 4.0
+    assert m.achieved_rps == 3 / 4.0  # answered in [1, 5): the warm-up one at 1.2, and 1.1 and 1.7
     assert m.reject_rate == 1 / 8 and m.timeout_rate == 2 / 8 and m.error_rate == 2 / 8
     assert m.latency_ms["max"] == pytest.approx(1000)  # the 200 that came back at 5.5
     assert m.latency_ms["p50"] == pytest.approx(200)  # 100, 200, 1000 ms -> 200 (from intended, not sent)

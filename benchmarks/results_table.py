@@ -29,11 +29,14 @@ def load_table(out: Path) -> str:
     named = [("closed loop, 4 workers", out / "closed.json")]
     named += [(f"open loop, Poisson, {f}x capacity", out / f"open_{f}.json") for f in ("0.5", "0.8", "1.0", "1.3")]
     named += [("overload: 2x capacity, queue 600 chips, deadline 10 s", out / "overload.json")]
+    for path in sorted(out.glob("long_*.json")):  # optional longer runs: python -m loadtest run ... --json long_R.json
+        named.append((f"open loop, Poisson, {path.stem.removeprefix('long_')}/s target, longer window", path))
     for name, path in named:
         if not path.exists():
             continue
         r = _runs(path)[0]
         lat = r["latency_all_ms"]
+        name = f"{name} (n={r['requests']})"
         rows.append(
             f"| {name} | {r['offered_rps']:.2f} | {r['achieved_rps']:.2f} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | "
             f"{_ms(lat['p95'])} | {_ms(lat['p99'])} | {_ms(lat['p99.9'])} | {_ms(lat['max'])} | "

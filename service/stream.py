@@ -116,7 +116,7 @@ async def detect_one(state: State, data: bytes, options: DetectOptions, timeout:
     """One image through the shared batcher -> the ``/v1/detect`` JSON body (timings in ms)."""
     t0 = time.perf_counter()
     pipeline = _pipeline(state)
-    with in_flight(state):
+    with in_flight(state, "bulk"):
         _, result = await run_detection(state, data, options, timeout, priority="bulk")
     result.timings["total"] = time.perf_counter() - t0
     return detection_response(result, pipeline.card)

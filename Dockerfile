@@ -10,7 +10,7 @@
 # The model: the shipped default is baked in at /models/snipserve_default.onnx; mount your own at /models
 # and point SNIPSERVE_MODEL_PATH at it (model files must lie inside SNIPSERVE_MODELS_DIR=/models).
 # Nothing is downloaded at run time.
-# Process model: one uvicorn worker per container, one container per GPU (see docs/operators.md).
+# Process model: one uvicorn worker per container, one container per GPU (see the README, "Operating snipserve").
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # CUDA 12 + cuDNN 9: what onnxruntime-gpu >= 1.19 and tensorrt 10 (cu12 wheels) are built against.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements behind docs/operations-load.md, end to end, on loopback:
+# The measurements behind the README load section, end to end, on loopback:
 #   capacity (closed loop), latency at open-loop rates relative to it, the SLO rate sweep,
 #   overload with tight admission limits, and the RSS soak (5,000 requests).
 #

@@ -1,4 +1,4 @@
-"""Markdown tables for docs/operations-load.md from the JSON that load_suite.sh and sahi_compare.py wrote.
+"""Markdown tables for the README (load section) from the JSON that load_suite.sh and sahi_compare.py wrote.
 
     .venv/bin/python benchmarks/results_table.py runs/load runs/bench/sahi_compare.json
 

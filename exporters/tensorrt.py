@@ -1,7 +1,7 @@
 """ONNX -> serialized TensorRT engine with the TensorRT Python API (10.x named-tensor API), plus a manifest.
 
 Status: written against TensorRT 10's documented Python API; never run (no GPU in the session that wrote it;
-docs/gpu.md, status table). ``scripts/gpu_check.py`` builds FP32/FP16/INT8 engines and checks parity.
+README, GPU path, status table). ``scripts/gpu_check.py`` builds FP32/FP16/INT8 engines and checks parity.
 
 Build: parse the ONNX file, one optimisation profile over the batch dimension (min/opt/max; the chip shape
 is fixed by the card), a workspace limit, a timing cache loaded from and saved back to a file (rebuilds and

@@ -1,4 +1,4 @@
-"""``python -m loadtest run|sweep|soak|plot``: load tests against a running snipserve (see docs/operations-load.md).
+"""``python -m loadtest run|sweep|soak|plot``: load tests against a running snipserve (see the README, "Load, overload, bad input and security").
 
 Examples::
 

@@ -2,7 +2,7 @@
 normalised and cut straight into a device batch buffer (for example :attr:`TensorRTEngine.input_device`).
 
 Status: written against CuPy's documented ``RawModule`` API and compiled to PTX with ``nvcc`` on a machine
-without a GPU; never executed on a GPU yet (docs/gpu.md, status table). Not yet wired into the batcher: the
+without a GPU; never executed on a GPU yet (README, GPU path, status table). Not yet wired into the batcher: the
 service still crops on the CPU; :func:`preprocess_to_device` is the building block and
 ``scripts/gpu_check.py`` measures its parity and speed.
 

@@ -1,7 +1,7 @@
 """TensorRT engine backend: a serialized engine (``snipserve export tensorrt``) behind the :class:`Engine` protocol.
 
 Status: written against the TensorRT 10 Python API (named I/O tensors) and CuPy; never run on a GPU yet
-(docs/gpu.md, status table). What runs without a GPU is tested: manifest checks, batch splitting, padding.
+(README, GPU path, status table). What runs without a GPU is tested: manifest checks, batch splitting, padding.
 
 Per call: the batch is split into pieces of at most the profile's max batch (pieces below its min are
 padded with zeros and the padding's outputs dropped); each piece is copied into a pinned host buffer, then

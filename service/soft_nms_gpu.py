@@ -1,7 +1,7 @@
 """GPU soft-NMS: one CUDA thread block per group (class, or image x class), exactly :mod:`service.soft_nms`.
 
 Status: written against CuPy's documented ``RawKernel`` API and compiled to PTX with ``nvcc`` on a machine
-without a GPU; never executed on a GPU yet (see docs/gpu.md, status table). ``scripts/gpu_check.py`` runs
+without a GPU; never executed on a GPU yet (see README, GPU path, status table). ``scripts/gpu_check.py`` runs
 the parity check and the benchmarks on a GPU host.
 
 Exactness. The NumPy reference works in float64 on float32 inputs; so does the kernel, with the same

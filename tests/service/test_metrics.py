@@ -30,7 +30,7 @@ ALLOWED_LABELS = {
 }
 
 
-# The documented set (docs/operators.md): a new metric goes here, into the docs and, if useful, the dashboard.
+# The documented set (README, "Operating snipserve"): a new metric goes here, into the docs and, if useful, the dashboard.
 EXPECTED_FAMILIES = {
     "snipserve_requests",
     "snipserve_request_duration_seconds",
@@ -234,7 +234,7 @@ def test_check_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_operator_docs_table_matches_the_registry() -> None:
-    docs = (Path(__file__).resolve().parents[2] / "docs" / "operators.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     documented = set(re.findall(r"^\| `(snipserve_\w+)` \|", docs, flags=re.M))
     exposed = {name + ("_total" if fam.type == "counter" else "") for name, fam in families().items()}
     assert documented == {n for n in exposed if n.startswith("snipserve_")}

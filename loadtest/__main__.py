@@ -1,4 +1,6 @@
-"""``python -m loadtest run|sweep|soak|plot``: load tests against a running snipserve (see the README, "Load, overload, bad input and security").
+"""``python -m loadtest run|sweep|soak|plot``: load tests against a running snipserve.
+
+See the README, "Load, overload, bad input and security".
 
 Examples::
 

@@ -85,7 +85,8 @@ class SynthImage:
     def decode(self) -> np.ndarray:
         """``uint8 [H, W, 3]`` RGB pixels."""
         bgr = cv2.imdecode(np.frombuffer(self.jpeg, np.uint8), cv2.IMREAD_COLOR)
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        assert bgr is not None, "the generator's own JPEG always decodes"
+        return np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
 # --- colours (RGB) -----------------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def generate_image(cfg: SynthConfig, seed: int, index: int) -> SynthImage:
     img = canvas.img * (light * gain)[:, :, None] + bias
     sigma = rng.uniform(*cfg.blur_sigma)
     if sigma > 0.3:
-        img = cv2.GaussianBlur(img, (0, 0), sigma)
+        img = np.asarray(cv2.GaussianBlur(img, (0, 0), sigma), np.float64)
     rgb = np.clip(img, 0, 255).astype(np.uint8)
     quality = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -432,7 +433,8 @@ def generate(cfg: SynthConfig, seed: int, count: int, start: int = 0) -> Iterato
 
 def coco_dict(images: list[SynthImage], seed: int, cfg: SynthConfig) -> dict[str, Any]:
     """COCO detection JSON for ``images`` (category ids are class index + 1)."""
-    coco_images, anns = [], []
+    coco_images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for im in images:
         coco_images.append(
             {"id": im.index, "file_name": f"images/{im.index:06d}.jpg", "width": im.width, "height": im.height}

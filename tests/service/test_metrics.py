@@ -30,7 +30,8 @@ ALLOWED_LABELS = {
 }
 
 
-# The documented set (README, "Operating snipserve"): a new metric goes here, into the docs and, if useful, the dashboard.
+# The documented set (README, "Operating snipserve"): a new metric goes here, into the README and, if useful,
+# the dashboard.
 EXPECTED_FAMILIES = {
     "snipserve_requests",
     "snipserve_request_duration_seconds",

@@ -78,9 +78,10 @@ def test_open_loop_sees_the_queue_that_a_closed_loop_hides() -> None:
     assert o.requests == 40  # every scheduled request went out, none waited for an answer
     # the last request waits for the 39 before it: ~40 * 0.05 - 39 * 0.025 = ~1.0 s
     assert o.latency_ms["max"] > 800
-    assert o.latency_ms["p99"] > 10 * c.latency_ms["p50"]
-    assert c.latency_ms["p99"] < 4 * service_s * 1000  # the closed loop only ever sees one service time
-    assert o.lag_ms["p99"] < 50  # the generator kept to its schedule
+    # Bounds leave room for a busy CI machine; the effect measured is ~20x (1 s of queueing vs 50 ms).
+    assert o.latency_ms["p99"] > 5 * c.latency_ms["p50"]
+    assert c.latency_ms["p99"] < 10 * service_s * 1000  # the closed loop only ever sees one service time
+    assert o.lag_ms["p99"] < 250  # the generator kept to its schedule (far below the queueing it measures)
 
 
 def test_a_stalled_generator_cannot_hide_the_stall() -> None:

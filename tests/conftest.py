@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -25,6 +26,19 @@ def encode(image: np.ndarray, ext: str = ".png") -> bytes:
     ok, buf = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     assert ok
     return bytes(buf)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """``create_app`` / ``instrument`` configure the root logger; put it back as the harness had it."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("uvicorn.access").disabled = False
 
 
 @pytest.fixture

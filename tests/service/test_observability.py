@@ -35,19 +35,6 @@ def sample(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """``instrument`` configures the root logger; put it back as the harness had it."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("uvicorn.access").disabled = False
-
-
 def make_app(*, log_json: bool = True, workers: int = 1) -> tuple[FastAPI, io.StringIO]:
     """A tiny app shaped like the real one: templated routes, an error, a stream, a websocket."""
     app = FastAPI()

@@ -87,19 +87,11 @@ def bench_http(
     fuse: bool,
 ) -> dict[str, Any]:
     """Images/s of the real HTTP service (a `snipserve serve` process) under ``concurrency`` closed-loop clients."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import tempfile
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {
-        "SNIPSERVE_PORT": str(port),
+    from service.serve_process import ServerStartError, running_server, serve_command
+
+    env = {
         "SNIPSERVE_MAX_BATCH": str(max_batch),
         "SNIPSERVE_INTRA_OP_THREADS": str(threads),
         "SNIPSERVE_LOG_LEVEL": "warning",
@@ -109,25 +101,8 @@ def bench_http(
     if model is not None:
         env["SNIPSERVE_MODEL_PATH"] = str(model)
         env["SNIPSERVE_MODELS_DIR"] = str(model.resolve().parent)
-    log = tempfile.NamedTemporaryFile("wb", suffix=".log", delete=False)  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    base = f"http://127.0.0.1:{port}"
-    url = f"{base}/v1/detect"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"server did not start; see {log.name}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
 
-    async def client(i: int, stop: float, lat: list[float], timings: list[dict[str, float]]) -> None:
+    async def client(url: str, i: int, stop: float, lat: list[float], timings: list[dict[str, float]]) -> None:
         async with httpx.AsyncClient(timeout=300) as http:
             k = i
             while time.perf_counter() < stop:
@@ -138,13 +113,13 @@ def bench_http(
                 timings.append(r.json()["timings"])
                 k += concurrency
 
-    async def main() -> dict[str, Any]:
+    async def main(url: str) -> dict[str, Any]:
         lat: list[float] = []
         timings: list[dict[str, float]] = []
         # warm-up: one pass over every image
-        await asyncio.gather(*(client(i, time.perf_counter() + 0.001, [], []) for i in range(concurrency)))
+        await asyncio.gather(*(client(url, i, time.perf_counter() + 0.001, [], []) for i in range(concurrency)))
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, t0 + seconds, lat, timings) for i in range(concurrency)))
+        await asyncio.gather(*(client(url, i, t0 + seconds, lat, timings) for i in range(concurrency)))
         elapsed = time.perf_counter() - t0
         stage_ms = {k: statistics.mean(t[k] for t in timings if k in t) for k in timings[0]} if timings else {}
         return {
@@ -156,11 +131,14 @@ def bench_http(
         }
 
     try:
-        return asyncio.run(main())
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
+        with running_server(serve_command(), env=env, ready_timeout_s=120, stop_timeout_s=60) as server:
+            try:
+                return asyncio.run(main(f"{server.url}/v1/detect"))
+            except httpx.HTTPError as e:
+                tail = server.output_tail()
+                raise SystemExit(f"HTTP benchmark failed: {e!r}; server output ({server.log}):\n{tail}") from e
+    except ServerStartError as e:
+        raise SystemExit(f"snipserve serve did not start: {e}") from e
 
 
 def run(args: argparse.Namespace) -> int:

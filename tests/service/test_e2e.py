@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,46 +9,14 @@ import httpx
 import numpy as np
 import pytest
 
+from service.serve_process import running_server
 from tests.conftest import encode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(env_extra: dict[str, str], log: Path, timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `snipserve serve` (output to ``log``); returns the process and its base URL once ready."""
-    port = free_port()
-    env = os.environ | {"SNIPSERVE_PORT": str(port), "SNIPSERVE_HOST": "127.0.0.1"} | env_extra
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not become ready")
 
 
 @pytest.fixture
 def fake_server(tmp_path: Path) -> Iterator[str]:
-    proc, url = start_server({"SNIPSERVE_ENGINE": "fake"}, tmp_path / "server.log")
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    with running_server(env={"SNIPSERVE_ENGINE": "fake"}, log=tmp_path / "server.log") as server:
+        yield server.url
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -88,8 +51,8 @@ SHIPPED = Path(__file__).resolve().parents[2] / "models" / "snipserve_default.on
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped default model is not in this checkout")
 def test_shipped_model_served_over_loopback(tmp_path: Path) -> None:
-    proc, url = start_server({}, tmp_path / "server.log")  # all defaults: the shipped model on ONNX Runtime, CPU
-    try:
+    with running_server(log=tmp_path / "server.log") as server:  # all defaults: the shipped model, ORT, CPU
+        url = server.url
         models = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
         assert models[0]["engine"]["providers"] == ["CPUExecutionProvider"]
         from models.synth import SynthConfig, generate_image  # noqa: PLC0415
@@ -101,6 +64,3 @@ def test_shipped_model_served_over_loopback(tmp_path: Path) -> None:
         boxes = np.array([d["box"] for d in dets], np.float32).reshape(-1, 4)
         cls = np.array([d["class_id"] for d in dets], np.int32)
         assert recall(sample.boxes, sample.classes, boxes, cls) >= 0.7
-    finally:
-        proc.terminate()
-        proc.wait(30)

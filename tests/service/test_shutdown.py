@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
 import pytest
+
+from service.serve_process import running_server
 
 ENGINE_DELAY_S = 2.0
 EXIT_BOUND_S = 10.0
@@ -32,23 +34,17 @@ SERVER = textwrap.dedent(
     from service.engine import FakeEngine
     from service.settings import Settings
 
-    port, delay, hang = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "hang"
+    delay, hang = float(sys.argv[1]), sys.argv[2] == "hang"
     never = threading.Event()
     fail = (lambda batch: never.wait()) if hang else None  # a hung engine call: never returns
     settings = Settings(
-        engine="fake", warmup=False, port=port, max_batch=64, shutdown_timeout_s=5, infer_timeout_s=0.5 if hang else 30
+        engine="fake", warmup=False, max_batch=64, shutdown_timeout_s=5, infer_timeout_s=0.5 if hang else 30
     )
+    # host and port: SNIPSERVE_HOST / SNIPSERVE_PORT, set by running_server
     app = create_app(settings, engine_factory=lambda s: FakeEngine(max_batch=64, delay=delay, fail=fail))
     sys.exit(serve_app(app, settings))
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def png() -> bytes:
@@ -57,37 +53,17 @@ def png() -> bytes:
     return data.tobytes()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1].decode()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
 @contextlib.contextmanager
-def serve(mode: str = "slow") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    argv = [sys.executable, "-c", SERVER, str(port), str(ENGINE_DELAY_S), mode]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+def serve(log: Path, mode: str = "slow") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The server above in a child process (output to ``log``); yields its base URL and the process."""
+    command = [sys.executable, "-c", SERVER, str(ENGINE_DELAY_S), mode]
+    with running_server(command, log=log, ready_timeout_s=30.0, stop_timeout_s=5.0) as server:
+        yield server.url, server.proc
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    with serve() as s:
+def server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    with serve(tmp_path / "server.log") as s:
         yield s
 
 
@@ -122,8 +98,8 @@ def test_sigterm_drains_in_flight_requests_and_exits(server: tuple[str, subproce
         httpx.get(f"{url}/healthz", timeout=1)
 
 
-def test_sigterm_exits_even_with_a_hung_engine_thread() -> None:
-    with serve("hang") as (url, proc):
+def test_sigterm_exits_even_with_a_hung_engine_thread(tmp_path: Path) -> None:
+    with serve(tmp_path / "server.log", "hang") as (url, proc):
         r = httpx.post(f"{url}/v1/detect", content=png(), headers={"content-type": "image/png"}, timeout=10)
         assert r.status_code == 500 and "timed out" in r.json()["error"]["message"]  # infer_timeout_s
         assert httpx.get(f"{url}/readyz", timeout=2).status_code == 200  # still ready after the hang

@@ -2,9 +2,11 @@
 
 They implement only the API surface our code calls, as the libraries document it, backed by NumPy: "device"
 arrays are NumPy arrays whose real addresses serve as device pointers (so ``memcpyAsync`` is a ``memmove``),
-kernels are NumPy emulations registered by name, and the TensorRT engine computes a fixed row-wise function.
-What this proves: our host code runs end to end (argument order, shapes, buffer handling, manifest writing).
-What it cannot prove: that the real libraries behave as their documentation says -- that needs a GPU.
+kernels are the project's own CUDA source compiled for the CPU by :mod:`tests.cudasim` (every launch checked
+against the kernel's signature), and the TensorRT engine computes a fixed row-wise function.
+What this proves: our host code runs end to end (argument order and types, shapes, buffer handling, manifest
+writing) and the kernels compute what they should on those arguments. What it cannot prove: that the real
+libraries and the device compiler behave as documented, and how fast it all is -- that needs a GPU.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import enum
 import importlib.machinery
 import json
 import types
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from tests import cudasim
 
 # ---- cupy ------------------------------------------------------------------------------------------------------
 
@@ -66,16 +69,16 @@ def _asarray(x: Any) -> FakeArray:
     return FakeArray(np.array(x.a if isinstance(x, FakeArray) else x, copy=True, order="C"))
 
 
-KERNELS: dict[str, Callable[..., None]] = {}  # name -> emulation(grid, block, args)
-
-
 class RawKernel:
+    """CuPy's ``RawKernel``: the same CUDA source, compiled for the CPU by :mod:`tests.cudasim` and run there."""
+
     def __init__(self, code: str, name: str, options: tuple[str, ...] = ()) -> None:
-        assert f"void {name}(" in code and "--fmad=false" in options
+        assert "--fmad=false" in options  # the kernels' rounding contract (their module docstrings)
         self.name = name
+        self._kernel = cudasim.module(code).get_function(name)
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], **_: Any) -> None:
-        KERNELS[self.name](grid, block, args)
+        self._kernel(grid, block, args)
 
 
 class RawModule:

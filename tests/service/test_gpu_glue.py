@@ -1,15 +1,14 @@
-"""The GPU modules' Python glue, run end to end on the CPU against stand-ins for CuPy and TensorRT.
+"""The TensorRT modules' Python glue, run end to end on the CPU against stand-ins for CuPy and TensorRT.
 
-``tests/service/fake_gpu.py`` documents what these stand-ins can and cannot show: the host code (argument
-order, shapes, buffers, splitting, manifests, calibration plumbing) runs and produces the reference results
-when the libraries behave as documented; whether they do is what the ``gpu`` tests check on a GPU.
+``tests/service/fake_gpu.py`` documents what these stand-ins can and cannot show: the host code (splitting,
+padding, buffers, manifests, calibration plumbing) runs and produces the reference results when the libraries
+behave as documented; whether they do is what the ``tensorrt`` tests check on a GPU host with TensorRT.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,127 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from service import crop_gpu, soft_nms_gpu
-from service.crop import Normalizer, crop_plan, resize_levels
 from service.engine import FAKE_CARD, EngineConfig, create_engine
 from service.engine_manifest import BatchProfile, EngineManifest, read_manifest, sha256_file, write_manifest
 from service.errors import ModelLoadError
-from service.plan import LevelSpec, PlanConfig, plan
-from service.soft_nms import batched_soft_nms
 from tests.service import fake_gpu
-from tests.service.test_crop_gpu import emulate_area, emulate_linear, smooth_image
-from tests.service.test_soft_nms_gpu import random_case
-
-# ---- kernel emulations, called with the exact argument tuples our host code passes --------------------------------
-
-
-def _soft_nms_kernel(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-    boxes, scores, alive, offsets, method, sigma, nt, thr, keep, kept, counts = args
-    assert block[0] % 32 == 0 and grid == (offsets.shape[0] - 1,)
-    assert isinstance(method, np.int32) and isinstance(sigma, np.float64) and isinstance(thr, np.float64)
-    from service.soft_nms import box_iou_one, decay
-
-    name = ("gaussian", "linear", "hard")[int(method)]
-    for g in range(grid[0]):
-        lo, hi = int(offsets.a[g]), int(offsets.a[g + 1])
-        b, s, live = boxes.a[lo:hi], scores.a[lo:hi], alive.a[lo:hi].astype(bool)
-        n = 0
-        while live.any():
-            cand = np.flatnonzero(live)
-            k = int(cand[np.argmax(s[cand])])
-            keep.a[lo + n], kept.a[lo + n] = k, s[k]
-            n += 1
-            live[k] = False
-            rest = np.flatnonzero(live)
-            s[rest] = s[rest] * decay(box_iou_one(b[k], b[rest]), name, float(sigma), float(nt))  # type: ignore[arg-type]
-            live[rest] = s[rest] >= thr
-        counts.a[g] = n
-
-
-def _resize(kind: str) -> Any:
-    def run(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-        src, sh, sw, dst, dh, dw, sy, sx = args
-        assert src.shape == (sh, sw, 3) and dst.shape == (dh, dw, 3)
-        assert sy == 1.0 / (dh / sh) and sx == 1.0 / (dw / sw)  # OpenCV's scale, computed as OpenCV does
-        assert grid[0] * block[0] >= dw and grid[1] * block[1] >= dh
-        dst.a[...] = (emulate_linear if kind == "linear" else emulate_area)(src.a, int(dw), int(dh))
-
-    return run
-
-
-def _crop_kernel(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-    ptrs, hw, chips, scale, bias, bgr, size, out = args
-    size = int(size)
-    assert grid[2] == chips.shape[0] and grid[0] * block[0] >= size and grid[1] * block[1] >= size
-    for k, (lv, x0, y0) in enumerate(chips.a.tolist()):
-        img = fake_gpu._BY_ADDRESS[int(ptrs.a[lv])]
-        h, w = hw.a[lv]
-        assert img.shape == (h, w, 3)
-        region = img[y0 : y0 + size, x0 : x0 + size]
-        rh, rw = region.shape[:2]
-        for c in range(3):
-            plane = np.full((size, size), bias.a[c], np.float32)
-            src = region[..., 2 - c if bgr else c].astype(np.float32)
-            plane[:rh, :rw] = src * scale.a[c] + bias.a[c]
-            out.a[k, c] = plane
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    cp, cupyx = fake_gpu.make_cupy()
-    monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
-    monkeypatch.setitem(fake_gpu.KERNELS, "soft_nms_groups", _soft_nms_kernel)
-    monkeypatch.setitem(fake_gpu.KERNELS, "resize_linear", _resize("linear"))
-    monkeypatch.setitem(fake_gpu.KERNELS, "resize_area", _resize("area"))
-    monkeypatch.setitem(fake_gpu.KERNELS, "crop_normalise", _crop_kernel)
-    for cached in (soft_nms_gpu._kernel, soft_nms_gpu.gpu_available, crop_gpu._module):
-        cached.cache_clear()
-    yield cp
-    for cached in (soft_nms_gpu._kernel, soft_nms_gpu.gpu_available, crop_gpu._module):
-        cached.cache_clear()
-
-
-# ---- soft-NMS ----------------------------------------------------------------------------------------------------
-
-
-def test_soft_nms_host_code_with_fake_cupy(fake_cupy: Any) -> None:
-    assert soft_nms_gpu.gpu_available()  # the probe run went through the (fake) kernel
-    rng = np.random.default_rng(5)
-    for i in range(20):
-        method = ("gaussian", "linear", "hard")[i % 3]
-        boxes, scores, groups = random_case(rng, int(rng.integers(1, 200)), classes=int(rng.integers(1, 5)))
-        got = soft_nms_gpu.batched_soft_nms_auto(boxes, scores, groups, method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
-        want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
-
-
-# ---- pre-processing ----------------------------------------------------------------------------------------------
-
-
-def _plan(img: np.ndarray) -> Any:
-    levels = (LevelSpec(scale=1.7), LevelSpec(scale=1.0), LevelSpec(scale=0.5), LevelSpec(scale=0.37))
-    cfg = PlanConfig(chip_size=FAKE_CARD.input_size, levels=levels, sweet_spot=FAKE_CARD.sweet_spot)
-    return plan((img.shape[1], img.shape[0]), cfg)
-
-
-@pytest.mark.parametrize("bgr", [False, True])
-def test_preprocess_host_code_with_fake_cupy(fake_cupy: Any, bgr: bool) -> None:
-    img = smooth_image(np.random.default_rng(3), 200, 300)
-    p = _plan(img)
-    card = FAKE_CARD.model_copy(update={"channel_order": "BGR" if bgr else "RGB", "mean": (0.4, 0.5, 0.6)})
-    norm = Normalizer.from_card(card)
-    cpu_levels = resize_levels(img, p)
-    want = crop_plan(cpu_levels, p, norm)
-    exact = crop_gpu.crop_to_device(
-        [fake_cupy.asarray(x) for x in cpu_levels], p.chips, norm, fake_cupy.empty(want.shape, np.float32)
-    )
-    np.testing.assert_array_equal(exact.get(), want)  # same levels: bit-exact
-    whole = crop_gpu.preprocess_to_device(img, p, norm).get()
-    assert whole.shape == want.shape
-    assert np.abs(whole - want).max() <= float(norm.scale.max()) * 1.0001  # one grey level
-
+from tests.service.test_crop_gpu import smooth_image
 
 # ---- TensorRT engine ---------------------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
-"""GPU soft-NMS: host-side layout and dispatch on any machine; the kernel's parity with NumPy on a GPU.
+"""GPU soft-NMS: the kernel's parity with NumPy, its host code and its dispatch.
 
-On CPU-only machines: the candidate layout and result assembly are checked against ``batched_soft_nms`` by
-feeding them a NumPy emulation of the kernel's per-block loop; the dispatcher is checked to fall back to
-NumPy; the CUDA source is compiled to PTX with ``nvcc`` where a CUDA toolkit exists (no GPU needed).
-The ``gpu`` tests run the real kernel and skip with the reason where CuPy or a device is missing.
+The parity tests take ``cupy_backend`` (tests/service/conftest.py): on every machine they run the kernel's CUDA
+source compiled for the CPU by :mod:`tests.cudasim` behind the CuPy stand-in, through the real host code; on a
+GPU host they run again on the device (marked ``gpu``; skipped with the reason elsewhere). The source is also
+compiled to PTX with ``nvcc`` where a CUDA toolkit exists (no GPU needed).
 """
 
 from __future__ import annotations
@@ -11,32 +11,22 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service import soft_nms_gpu
-from service.soft_nms import batched_soft_nms, box_iou_one, decay
+from service.soft_nms import batched_soft_nms
 from service.soft_nms_gpu import (
     COMPILE_OPTIONS,
     KERNEL_SOURCE,
-    assemble,
     batched_soft_nms_auto,
     group_candidates,
 )
-
-
-def _gpu_reason() -> str | None:
-    if importlib.util.find_spec("cupy") is None:
-        return "CuPy is not installed (the gpu extra)"
-    if not soft_nms_gpu.gpu_available():
-        return "no usable CUDA device for CuPy"
-    return None
-
-
-GPU_REASON = _gpu_reason()
-requires_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=GPU_REASON or "")
+from tests.service import fake_gpu
 
 
 def random_case(rng: np.random.Generator, n: int, classes: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,50 +40,6 @@ def random_case(rng: np.random.Generator, n: int, classes: int = 3) -> tuple[np.
         scores[rng.integers(0, n, n // 4)] = scores[0]  # exact ties
     groups = rng.integers(0, classes, n).astype(np.int32)
     return boxes, scores, groups
-
-
-def emulate_kernel(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    order: np.ndarray,
-    offsets: np.ndarray,
-    method: str,
-    sigma: float,
-    nt: float,
-    thr: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What the kernel computes, one group (block) at a time, in NumPy float64: outputs in its layout."""
-    m = order.size
-    keep, kept = np.full(m, -1, np.int64), np.full(m, np.nan)
-    counts = np.zeros(offsets.size - 1, np.int64)
-    for g in range(offsets.size - 1):
-        lo, hi = int(offsets[g]), int(offsets[g + 1])
-        b = boxes[order[lo:hi]].astype(np.float64)
-        s = scores[order[lo:hi]].astype(np.float64)
-        live = np.ones(hi - lo, bool)
-        while live.any():
-            cand = np.flatnonzero(live)
-            k = int(cand[np.argmax(s[cand])])  # first max among live: lowest index on ties
-            keep[lo + counts[g]], kept[lo + counts[g]] = k, s[k]
-            counts[g] += 1
-            live[k] = False
-            rest = np.flatnonzero(live)
-            s[rest] = s[rest] * decay(box_iou_one(b[k], b[rest]), method, sigma, nt)  # type: ignore[arg-type]
-            live[rest] = s[rest] >= thr
-    return keep, kept, counts
-
-
-@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
-@pytest.mark.parametrize("seed", range(6))
-def test_layout_and_assembly_match_numpy(method: str, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    boxes, scores, groups = random_case(rng, int(rng.integers(1, 120)), classes=int(rng.integers(1, 5)))
-    thr = float(rng.choice([0.0, 0.001, 0.3]))
-    order, offsets, _ = group_candidates(scores, groups, thr)
-    got = assemble(order, offsets, *emulate_kernel(boxes, scores, order, offsets, method, 0.5, 0.3, thr))
-    want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_group_candidates_layout() -> None:
@@ -166,29 +112,116 @@ def test_kernel_source_compiles_to_ptx(tmp_path: Path) -> None:
     assert f".entry {soft_nms_gpu.KERNEL_NAME}(" in ptx  # extern "C": the name CuPy looks up is unmangled
 
 
-# ---- on a GPU ------------------------------------------------------------------------------------------------
+# ---- the kernel itself: emulated on the CPU everywhere, on the device where there is one ----------------------
 
 
-@pytest.mark.gpu
-@requires_gpu
+def emulated(backend: types.ModuleType) -> bool:
+    return bool(backend.asarray is fake_gpu._asarray)
+
+
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
-def test_gpu_kernel_matches_numpy(method: str) -> None:
+def test_kernel_matches_numpy(cupy_backend: types.ModuleType, method: str) -> None:
+    # The emulation runs every CUDA thread as a fiber: it checks fewer, smaller cases than the device does.
+    cases, biggest = (24, 160) if emulated(cupy_backend) else (200, 400)
     rng = np.random.default_rng(7)
-    for _ in range(200):
-        boxes, scores, groups = random_case(rng, int(rng.integers(1, 400)), classes=int(rng.integers(1, 6)))
+    for _ in range(cases):
+        boxes, scores, groups = random_case(rng, int(rng.integers(1, biggest)), classes=int(rng.integers(1, 6)))
         thr = float(rng.choice([0.0, 0.001, 0.3]))
-        got = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
+        threads = int(rng.choice([32, 64, 96, 256]))  # 96: a partial last warp in the block-wide reduction
+        got = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, method, 0.5, 0.3, thr, block_threads=threads)  # type: ignore[arg-type]
         want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+        if method != "gaussian":
+            np.testing.assert_array_equal(got[1], want[1])  # no exp: bit-identical, as the docstring says
 
 
-@pytest.mark.gpu
-@requires_gpu
-def test_gpu_kernel_large_group_and_small_blocks() -> None:
-    boxes, scores, groups = random_case(np.random.default_rng(3), 5000, classes=1)
+def test_kernel_large_group_and_block_sizes(cupy_backend: types.ModuleType) -> None:
+    n = 300 if emulated(cupy_backend) else 5000
+    boxes, scores, groups = random_case(np.random.default_rng(3), n, classes=1)
     want = batched_soft_nms(boxes, scores, groups)
     for threads in (32, 256, 1024):
         got = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, block_threads=threads)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+
+
+def test_dispatcher_uses_the_kernel_when_a_device_is_present(cupy_backend: types.ModuleType) -> None:
+    assert soft_nms_gpu.gpu_available()  # the probe compiled and ran the kernel
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        method = ("gaussian", "linear", "hard")[i % 3]
+        boxes, scores, groups = random_case(rng, int(rng.integers(1, 150)), classes=int(rng.integers(1, 5)))
+        got = soft_nms_gpu.batched_soft_nms_auto(boxes, scores, groups, method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
+        want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
+
+
+MISSING_BARRIER_SCRIPT = """
+import sys
+import numpy as np
+from service import soft_nms_gpu
+from service.soft_nms import batched_soft_nms
+from tests import cudasim
+from tests.service import fake_gpu
+from tests.service.test_soft_nms_gpu import random_case
+
+cudasim.SEED = int(sys.argv[1])
+sys.modules["cupy"], sys.modules["cupyx"] = fake_gpu.make_cupy()
+tail = "    s = ws[0];\\n    i = wi[0];\\n    __syncthreads();\\n"
+assert tail in soft_nms_gpu.KERNEL_SOURCE
+soft_nms_gpu.KERNEL_SOURCE = soft_nms_gpu.KERNEL_SOURCE.replace(tail, "    s = ws[0];\\n    i = wi[0];\\n")
+boxes, scores, groups = random_case(np.random.default_rng(11), 150, classes=2)
+want = batched_soft_nms(boxes, scores, groups)
+try:
+    got = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups)
+except RuntimeError as exc:
+    print("DEADLOCK", exc)
+    sys.exit(0)
+print("MATCH" if got[0].shape == want[0].shape and np.array_equal(got[0], want[0]) else "MISMATCH")
+"""
+
+
+def test_emulation_catches_a_missing_barrier(fake_cupy: types.ModuleType) -> None:
+    """The emulated tests can fail: without block_best's last barrier, warp 0 can run ahead and overwrite the
+    shared result slot of the next round before a held-back warp has read it. Depending on the schedule that
+    gives wrong selections, a deadlock, or writes past the group's slice (memory corruption on a GPU, a crash
+    here), so the mutant runs in a child process; it must never pass as correct."""
+    root = Path(__file__).resolve().parents[2]
+    outcomes = []
+    for seed in (1, 2, 3):
+        proc = subprocess.run(
+            [sys.executable, "-c", MISSING_BARRIER_SCRIPT, str(seed)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        outcomes.append(proc.stdout.strip() or f"crashed ({proc.returncode})")
+    assert "MATCH" not in outcomes, outcomes
+
+
+def test_emulation_reports_a_divergent_barrier(fake_cupy: types.ModuleType) -> None:
+    src = r"""
+    extern "C" __global__ void divergent(int* out) {
+        int v = threadIdx.x;
+        if (threadIdx.x < 16) v = __shfl_down_sync(0xffffffffu, v, 1);  // half a warp: the shuffle never completes
+        __syncthreads();
+        out[threadIdx.x] = v;
+    }
+    """
+    kernel = fake_cupy.RawKernel(src, "divergent", options=("--fmad=false",))
+    out = fake_cupy.empty(64, np.int32)
+    with pytest.raises(RuntimeError, match="barrier deadlock"):
+        kernel((1,), (64,), (out,))
+
+
+def test_emulation_checks_argument_types(fake_cupy: types.ModuleType) -> None:
+    kernel = fake_cupy.RawKernel(soft_nms_gpu.KERNEL_SOURCE, soft_nms_gpu.KERNEL_NAME, options=("--fmad=false",))
+    a = fake_cupy.empty(4, np.float64)
+    args = [a, a, a, a, np.int64(0), np.float64(0.5), np.float64(0.3), np.float64(0.0), a, a, a]
+    with pytest.raises(TypeError, match="argument 4: the kernel takes a 4-byte integer, got int64"):
+        kernel((1,), (32,), tuple(args))
+    with pytest.raises(TypeError, match="takes 11 arguments, got 10"):
+        kernel((1,), (32,), tuple(args[:-1]))

@@ -13,7 +13,9 @@
 # Process model: one uvicorn worker per container, one container per GPU (see the README, "Operating snipserve").
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# CUDA 12 + cuDNN 9: what onnxruntime-gpu >= 1.19 and tensorrt 10 (cu12 wheels) are built against.
+# CUDA 12 + cuDNN 9: the one CUDA major of the gpu extra (onnxruntime-gpu 1.19-1.26, tensorrt-cu12 10.x,
+# cupy-cuda12x; see pyproject.toml). PyPI's onnxruntime-gpu 1.27+ and the `tensorrt` meta-package (10.13.2.6+)
+# are CUDA 13 builds: moving to them means a 13.x base here, cupy-cuda13x and tensorrt-cu13 (and driver >= 580).
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,15 +78,23 @@ FROM gpu-base AS gpu-builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=source /src /src
 WORKDIR /src
-# The gpu extra: onnxruntime-gpu (CUDA + TensorRT execution providers), tensorrt (NVIDIA's cu12 wheels,
-# which carry libnvinfer), cupy-cuda12x (GPU soft-NMS), nvidia-ml-py (GPU gauges on /metrics).
-# The smoke check only finds tensorrt: importing it may need the driver's libcuda, absent at build time.
+# The gpu extra: onnxruntime-gpu (CUDA + TensorRT execution providers), tensorrt-cu12 (NVIDIA's CUDA 12 wheels;
+# tensorrt-cu12-libs is a stub that fetches libnvinfer from pypi.nvidia.com at build time), cupy-cuda12x (GPU
+# soft-NMS), nvidia-ml-py (GPU gauges on /metrics), onnx (graph-side pre-processing, on by default).
+# The smoke check only finds tensorrt: importing it may need the driver's libcuda, absent at build time. It also
+# fails the build if anything built for another CUDA major got in (ONNX Runtime's CUDA provider or a -cu11/-cu13).
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/venv \
  && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[gpu]" \
  && /opt/venv/bin/pip install --no-index --find-links /wheels "snipserve[gpu]" \
- && /opt/venv/bin/python -c "import importlib.util as u, service.api, onnxruntime, pynvml; \
+ && /opt/venv/bin/python -c "import importlib.util as u, service.api, onnxruntime, pynvml, onnx; \
 assert u.find_spec('tensorrt') and 'CUDAExecutionProvider' in onnxruntime.get_available_providers()" \
+ && /opt/venv/bin/python -c "import importlib.metadata as md, mmap, pathlib, re, onnxruntime; \
+so = pathlib.Path(onnxruntime.__file__).parent / 'capi' / 'libonnxruntime_providers_cuda.so'; \
+f = open(so, 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); \
+assert [m.find(b'libcublas.so.%d' % v) >= 0 for v in (11, 12, 13)] == [False, True, False], f'{so}: not CUDA 12'; \
+other = [d.metadata['Name'] for d in md.distributions() if re.search(r'cu(da)?(11|13)', d.metadata['Name'])]; \
+assert not other, f'built for another CUDA major: {other}'" \
  && mkdir -p /models \
  && /opt/venv/bin/python -c "import pathlib, shutil, models; \
 m = pathlib.Path(models.__file__).parent / 'snipserve_default.onnx'; \

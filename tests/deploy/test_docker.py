@@ -143,6 +143,34 @@ def test_bases_and_extras() -> None:
     assert "tensorrt_libs" in all_stages["gpu"]  # ONNX Runtime's TensorRT EP must find libnvinfer
 
 
+def test_gpu_extra_and_gpu_image_share_one_cuda_major() -> None:
+    """The gpu extra and the gpu image's base agree on one CUDA major: a mix installs fine and fails at load time.
+
+    PyPI facts the pins rest on (read from the wheels' DT_NEEDED, see pyproject.toml): onnxruntime-gpu 1.18 is
+    CUDA 11.8, 1.19-1.26 CUDA 12 + cuDNN 9, 1.27+ CUDA 13, and every one links its TensorRT EP to libnvinfer.so.10;
+    the ``tensorrt`` meta-package pulls tensorrt_cu13 on Linux from 10.13.2.6 on, so a CUDA-suffixed one is named.
+    """
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = {Requirement(r).name: Requirement(r).specifier for r in project["optional-dependencies"]["gpu"]}
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\S+-cudnn-runtime-", DOCKERFILE, flags=re.M)
+    assert base, "the gpu base image is not an nvidia/cuda cudnn-runtime image"
+    major = base.group(1)
+    assert major == "12", "the onnxruntime-gpu ranges below are for CUDA 12; update them with the base image"
+    assert "tensorrt" not in gpu, "the tensorrt meta-package picks its own CUDA major; name tensorrt-cu<major>"
+    assert {f"tensorrt-cu{major}", f"cupy-cuda{major}x", "onnxruntime-gpu", "nvidia-ml-py", "onnx"} <= set(gpu)
+    trt = gpu[f"tensorrt-cu{major}"]
+    assert trt.contains("10.16.1.11") and not trt.contains("11.0.0.114"), trt  # libnvinfer.so.10 for ORT's EP
+    ort = gpu["onnxruntime-gpu"]
+    assert ort.contains("1.19.0") and ort.contains("1.26.0"), ort
+    assert not ort.contains("1.18.1") and not ort.contains("1.27.0"), ort  # CUDA 11.8 and CUDA 13 builds
+    cpu_side = [*project["dependencies"], *project["optional-dependencies"]["cpu"]]
+    gpu_like = re.compile(r"gpu|cuda|cupy|tensorrt|nvidia|cudnn", flags=re.I)
+    assert not [r for r in cpu_side if gpu_like.search(Requirement(r).name)]
+
+
 def test_copied_sources_exist() -> None:
     copied = re.search(r"^FROM scratch AS source\n((?:COPY .*\n)+)", DOCKERFILE, flags=re.M)
     assert copied

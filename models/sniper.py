@@ -133,9 +133,18 @@ def positive_chips(
     out = []
     for lv in levels_for(image_size, cfg):
         valid = valid_mask(boxes, lv.lo, lv.hi)
-        corners = greedy_cover((lv.width, lv.height), boxes[valid] * lv.scale, cfg.chip_size, cfg.candidate_stride, rng)
+        corners = greedy_cover(
+            (lv.width, lv.height), level_boxes(boxes[valid], lv), cfg.chip_size, cfg.candidate_stride, rng
+        )
         out.append((lv, corners))
     return out
+
+
+def level_boxes(boxes: np.ndarray, level: Level) -> np.ndarray:
+    """``boxes`` (original px) in ``level``'s pixels, clipped to the level image: its size is rounded, so a box
+    touching the image's edge can end a fraction of a pixel past it and would otherwise fit no chip."""
+    lb = boxes * level.scale
+    return np.clip(lb, 0, np.array([level.width, level.height, level.width, level.height], lb.dtype))
 
 
 def chip_labels(

@@ -202,7 +202,7 @@ async def _service_run(
 ) -> tuple[float, list[Boxes], list[int]]:
     """All ``images`` through a :class:`Batcher` with ``in_flight`` at a time: (wall seconds, boxes, chips)."""
     config = BatcherConfig(max_batch=batch, max_delay_ms=2.0)
-    batcher = Batcher(pipeline.engine, pipeline.adapter, pipeline.norm, config)
+    batcher = Batcher(pipeline.engine, pipeline.adapter, pipeline.norm, config, pipeline.staging)
     await batcher.start()
     gate = asyncio.Semaphore(in_flight)
 

@@ -3,7 +3,8 @@
 #   - Debian's `prometheus` package: the `prometheus` server and `promtool`
 #     (tests/deploy: promtool check metrics|rules, promtool test rules, a live scrape);
 #   - a Compose implementation for `docker compose config` / `docker-compose config`
-#     (only when a docker CLI exists and has no compose plugin).
+#     (only when a docker CLI exists and has no compose plugin);
+#   - `g++`, which builds the CUDA kernels for the CPU emulation (tests/cudasim).
 #
 # Idempotent: does nothing when the tools are already on PATH. Never fails the caller: when apt is
 # unavailable (not root, no network, not Debian), it prints why and exits 0, and the tests that need a
@@ -28,9 +29,12 @@ fi
 if have docker && ! compose_available; then
     need+=(docker-compose)
 fi
+if ! have g++; then
+    need+=(g++)
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
-    log "nothing to install (promtool, prometheus$(have docker && echo ', compose') present)"
+    log "nothing to install (promtool, prometheus, g++$(have docker && echo ', compose') present)"
     exit 0
 fi
 

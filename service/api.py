@@ -200,8 +200,10 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
         factory = engine_factory or (lambda s: create_engine(s.model_path, s.engine_config()))
         engine = await run_in_threadpool(factory, settings)
         state.engine = engine
-        state.pipeline = Pipeline(engine, max_chips=settings.max_chips)
-        state.batcher = Batcher(engine, state.pipeline.adapter, state.pipeline.norm, settings.batcher_config())
+        state.pipeline = Pipeline(engine, max_chips=settings.max_chips, preprocess=settings.preprocess)
+        state.batcher = Batcher(
+            engine, state.pipeline.adapter, state.pipeline.norm, settings.batcher_config(), state.pipeline.staging
+        )
         await state.batcher.start()
         metrics.set_model_info(
             model=engine.card.name, engine=engine.name, providers=",".join(engine.providers), precision=engine.precision
@@ -211,7 +213,13 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
             log.info("warm-up done in %.2f s", seconds)
         state.ready = True
         metrics.READY.set(1)
-        log.info("ready: model %s on %s %s", engine.card.name, engine.name, engine.providers)
+        log.info(
+            "ready: model %s on %s %s, pre-processing on the %s",
+            engine.card.name,
+            engine.name,
+            engine.providers,
+            state.pipeline.staging.name,
+        )
         try:
             yield
         finally:
@@ -269,6 +277,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[[Setti
                         "providers": engine.providers,
                         "precision": engine.precision,
                         "max_batch": engine.max_batch,
+                        "preprocess": state.pipeline.staging.name if state.pipeline is not None else None,
                     },
                 }
             ]

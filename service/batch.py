@@ -23,17 +23,18 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
 from service.adapters import Adapter, ChipDetections
-from service.crop import Normalizer, chip_buffer, write_chip_as
+from service.crop import Normalizer
 from service.engine import Engine, engine_on_gpu
 from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
 from service.plan import ChipPlan
+from service.staging import BatchPart, HostStaging, Staging
 
 log = logging.getLogger("snipserve.batch")
 
@@ -69,7 +70,7 @@ class ChipWork:
     """One request's chips in the queue. Results accumulate per batch until every chip is done."""
 
     plan: ChipPlan
-    level_images: list[np.ndarray]
+    level_images: list[Any]  # host or device arrays, as the batcher's staging made them
     threshold: float
     future: asyncio.Future[ChipDetections]
     deadline: float = math.inf  # time.monotonic()
@@ -100,16 +101,24 @@ class _Slice:
 class Batcher:
     """See the module docstring. Use ``await start()`` / ``await stop()``; ``await submit(...)``."""
 
-    def __init__(self, engine: Engine, adapter: Adapter, normalizer: Normalizer, config: BatcherConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        adapter: Adapter,
+        normalizer: Normalizer,
+        config: BatcherConfig,
+        staging: Staging | None = None,
+    ) -> None:
         self.engine = engine
         self.adapter = adapter
         self.norm = normalizer
         self.config = config
+        # Where chips are cropped (host buffers, or the engine's device buffer): the pipeline's staging, whose
+        # ``levels`` made the level images this batcher is handed.
+        self.staging: Staging = staging or HostStaging(engine, normalizer)
         self.max_batch = min(config.max_batch, engine.max_batch)
-        c = engine.card.input_size
         self.depth = config.pipeline_depth or (2 if engine_on_gpu(engine) else 1)
-        self.layout = engine.input_layout
-        self._buffers = [chip_buffer(self.layout, self.max_batch, c) for _ in range(self.depth)]
+        self._buffers = [self.staging.new_buffer(self.max_batch) for _ in range(self.depth)]
         self._lanes: dict[Priority, collections.deque[ChipWork]] = {p: collections.deque() for p in PRIORITIES}
         self._lane_pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # chips queued per lane
         self._wakeup = asyncio.Event()
@@ -164,7 +173,7 @@ class Batcher:
     async def submit(
         self,
         plan: ChipPlan,
-        level_images: list[np.ndarray],
+        level_images: list[Any],
         threshold: float,
         deadline: float = math.inf,
         priority: Priority = "interactive",
@@ -256,15 +265,15 @@ class Batcher:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _run_batch(self, slices: list[_Slice], buffer: np.ndarray) -> None:
+    async def _run_batch(self, slices: list[_Slice], buffer: Any) -> None:
         loop = asyncio.get_running_loop()
         rows = sum(s.stop - s.start for s in slices)
         try:
             t0 = time.perf_counter()
-            thresholds = await loop.run_in_executor(self._prep_pool, self._fill, slices, buffer)
+            thresholds, staged = await loop.run_in_executor(self._prep_pool, self._fill, slices, buffer)
             t1 = time.perf_counter()
             outputs = await asyncio.wait_for(
-                loop.run_in_executor(self._engine_pool, self.engine.infer, buffer[:rows]),
+                loop.run_in_executor(self._engine_pool, self.staging.infer, staged),
                 self.config.infer_timeout_s,
             )
             t2 = time.perf_counter()
@@ -275,7 +284,7 @@ class Batcher:
                 # The hung call still holds the engine thread and reads this buffer: abandon both.
                 self._engine_pool.shutdown(wait=False)
                 self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="snipserve-engine")
-                buffer = np.empty_like(buffer)
+                buffer = self.staging.new_buffer(self.max_batch)
             reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {type(exc).__name__}: {exc}"
             log.error("engine call on %d chips %s", rows, reason)
             err = EngineError(f"inference {reason}")
@@ -290,17 +299,14 @@ class Batcher:
         self._account(rows, t1 - t0, t2 - t1)
         self._distribute(slices, dets, t1 - t0, t2 - t1)
 
-    def _fill(self, slices: list[_Slice], buffer: np.ndarray) -> np.ndarray:
-        """Crop every chip of the batch into ``buffer`` (worker thread); per-row score thresholds."""
+    def _fill(self, slices: list[_Slice], buffer: Any) -> tuple[np.ndarray, Any]:
+        """Stage the batch's chips (worker thread): per-row score thresholds, and what ``staging.infer`` takes."""
         thresholds = np.empty(sum(s.stop - s.start for s in slices), np.float32)
+        parts = []
         for s in slices:
-            chips = s.work.plan.chips
-            for k in range(s.start, s.stop):
-                level, x0, y0 = chips[k]
-                dst = buffer[s.row + k - s.start]
-                write_chip_as(self.layout, dst, s.work.level_images[level], int(x0), int(y0), self.norm)
+            parts.append(BatchPart(s.work.level_images, s.work.plan.chips[s.start : s.stop], s.row))
             thresholds[s.row : s.row + s.stop - s.start] = s.work.threshold
-        return thresholds
+        return thresholds, self.staging.fill(parts, buffer)
 
     def _account(self, rows: int, crop_s: float, infer_s: float) -> None:
         metrics.BATCH_SIZE.observe(rows)

@@ -60,7 +60,9 @@ class LocalDetector:
 
         settings = Settings()
         self.decode_config = settings.decode_config()
-        self.pipeline = Pipeline.load(args.model or settings.model_path, EngineConfig(kind=args.engine))
+        self.pipeline = Pipeline.load(
+            args.model or settings.model_path, EngineConfig(kind=args.engine), preprocess=settings.preprocess
+        )
         self.options = parse_options(option_strings(args), self.pipeline)
         self.pipeline.levels_for(self.options)  # unknown preset or class: a usage error, before any image
         self.pipeline.check_classes(self.options)

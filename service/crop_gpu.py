@@ -1,10 +1,14 @@
 """GPU pre-processing: the image is uploaded once, each pyramid level is resized on the GPU, and chips are
 normalised and cut straight into a device batch buffer (for example :attr:`TensorRTEngine.input_device`).
 
-Status: written against CuPy's documented ``RawModule`` API and compiled to PTX with ``nvcc`` on a machine
-without a GPU; never executed on a GPU yet (README, GPU path, status table). Not yet wired into the batcher: the
-service still crops on the CPU; :func:`preprocess_to_device` is the building block and
-``scripts/gpu_check.py`` measures its parity and speed.
+Used by :class:`service.staging.DeviceStaging` when the engine takes chips on the device (TensorRT):
+:func:`levels_to_device` when a request is prepared, :func:`crop_to_device` (through
+``TensorRTEngine.infer_staged``) for every batch, on the engine thread.
+
+Status: written against CuPy's documented ``RawModule`` API. The kernels' CUDA source is compiled to PTX with
+``nvcc`` and, in every test run, compiled for the CPU and run through this module's host code by the tests'
+CUDA emulation (tests/cudasim), where it meets the tolerances below; it has not run on a GPU yet (README, GPU
+path, status table). ``scripts/gpu_check.py`` measures parity and speed on a GPU host.
 
 Parity with :mod:`service.crop` (the CPU path, OpenCV):
 
@@ -175,11 +179,21 @@ extern "C" __global__ void crop_normalise(
 """
 
 
+KERNEL_NAMES = ("resize_linear", "resize_area", "crop_normalise")
+
+
 @functools.lru_cache(maxsize=1)
 def _module() -> Any:
     import cupy as cp  # lazy: CPU installs never import CuPy
 
     return cp.RawModule(code=KERNEL_SOURCE, options=COMPILE_OPTIONS)
+
+
+def compile_kernels() -> None:
+    """Compile (or load from CuPy's cache) every kernel now, so a broken toolchain fails at startup."""
+    mod = _module()
+    for name in KERNEL_NAMES:
+        mod.get_function(name)
 
 
 def _grid(w: int, h: int, block: tuple[int, int]) -> tuple[int, int]:
@@ -235,6 +249,16 @@ def crop_to_device(
     return out[:k]
 
 
+def levels_to_device(image: np.ndarray, plan: ChipPlan) -> list[Any]:
+    """Upload ``image`` (``uint8 [H, W, 3]`` RGB) once and resize every level of ``plan`` on the device; returns
+    when the levels are complete (the stream is synchronised), so any thread may crop from them afterwards."""
+    import cupy as cp
+
+    levels = resize_levels_gpu(cp.asarray(np.ascontiguousarray(image)), plan)
+    cp.cuda.get_current_stream().synchronize()
+    return levels
+
+
 def preprocess_to_device(image: np.ndarray, plan: ChipPlan, norm: Normalizer, out: Any | None = None) -> Any:
     """The whole GPU path for one image: upload ``image`` (``uint8 [H, W, 3]`` RGB) once, resize every level,
     cut all of ``plan``'s chips into ``out`` (allocated ``[K, 3, C, C]`` when not given); returns the chips
@@ -242,8 +266,7 @@ def preprocess_to_device(image: np.ndarray, plan: ChipPlan, norm: Normalizer, ou
     documented resize tolerance (module docstring)."""
     import cupy as cp
 
-    d_image = cp.asarray(np.ascontiguousarray(image))
-    levels = resize_levels_gpu(d_image, plan)
+    levels = levels_to_device(image, plan)
     if out is None:
         out = cp.empty((plan.num_chips, 3, plan.chip_size, plan.chip_size), cp.float32)
     return crop_to_device(levels, plan.chips, norm, out)

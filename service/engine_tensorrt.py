@@ -8,10 +8,12 @@ padded with zeros and the padding's outputs dropped); each piece is copied into 
 asynchronously into a device buffer allocated once for the largest batch, the input shape is set, the engine
 runs with ``execute_async_v3`` on the engine's own CUDA stream, outputs come back into pinned host buffers
 and the stream is synchronised. Tensor addresses never change, so they are set once at load time.
-:meth:`TensorRTEngine.infer_device` runs chips already written to :attr:`TensorRTEngine.input_device` by GPU
-pre-processing (:mod:`service.crop_gpu`), skipping the host copy.
+:meth:`TensorRTEngine.infer_staged` is the GPU pre-processing path (:class:`service.staging.DeviceStaging`): the
+crop kernel writes a batch's chips from device-resident level images straight into
+:attr:`TensorRTEngine.input_device`, and the engine runs them, with no host copy of the batch.
 
-TensorRT and CuPy are imported only in :class:`CudaRunner`, never at module import.
+TensorRT and CuPy are imported only in :class:`CudaRunner` and :meth:`TensorRTEngine.infer_staged`, never at
+module import.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.crop import ChipLayout
+from service.crop import ChipLayout, Normalizer
 from service.engine import EngineConfig
 from service.engine_manifest import (
     BatchProfile,
@@ -129,15 +131,26 @@ class TensorRTEngine:
             return parts[0]
         return [np.concatenate(group) for group in zip(*parts, strict=True)]
 
-    def infer_device(self, n: int) -> list[np.ndarray]:
-        """Run the first ``n`` rows already in :attr:`input_device` (``min_batch <= n <= max_batch``)."""
-        if not self.profile.min_batch <= n <= self.max_batch:
-            raise ValueError(f"n must be in [{self.profile.min_batch}, {self.max_batch}], got {n}")
+    def infer_staged(self, level_images: list[Any], chips: np.ndarray, norm: Normalizer) -> list[np.ndarray]:
+        """Cut ``chips`` (``int [n, 3]`` level, x0, y0; ``1 <= n <= max_batch``) of the device ``level_images``
+        straight into :attr:`input_device` (normalised, :func:`service.crop_gpu.crop_to_device`) and run them:
+        the GPU pre-processing path, with no host copy of the batch. Outputs ``[n, ...]`` in the card's order."""
+        from service import crop_gpu  # lazy: CuPy
+
+        n = int(chips.shape[0])
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"chips must number 1..{self.max_batch}, got {n}")
+        dev = self.input_device
         run_device = getattr(self._runner, "run_device", None)
-        if run_device is None:
+        if dev is None or run_device is None:
             raise RuntimeError("this engine's runner has no device input buffer")
+        run = max(n, self.profile.min_batch)
         with self._lock:
-            return list(run_device(n))
+            crop_gpu.crop_to_device(level_images, chips, norm, dev)
+            if run > n:  # below the profile's min batch: zero rows, their outputs dropped below
+                dev[n:run].fill(0)
+            outs = run_device(run)
+        return [o[:n] for o in outs]
 
     def close(self) -> None:
         runner = vars(self).pop("_runner", None)  # idempotent

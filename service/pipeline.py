@@ -12,19 +12,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service import metrics
 from service.adapters import Adapter, ChipDetections, get_adapter
 from service.batch import Batcher, Priority
-from service.crop import Normalizer, chip_buffer, crop_plan, resize_levels
+from service.crop import Normalizer
 from service.engine import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
 from service.modelcard import ModelCard
 from service.options import DetectOptions
 from service.plan import ChipPlan, LevelSpec, PlanConfig, PlanError, levels_for_object_range, plan
 from service.postprocess import Detections, merge, postprocess
+from service.staging import BatchPart, Preprocess, Staging, select_staging
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Prepared:
     """A planned, resized image waiting for inference."""
 
     plan: ChipPlan
-    level_images: list[np.ndarray]
+    level_images: list[Any]  # where the pipeline's staging keeps them: host memory, or the GPU
     threshold: float
     timings: dict[str, float]
 
@@ -71,19 +73,31 @@ class Prepared:
 class Pipeline:
     """Stages bound to one engine and its model card. Thread-safe: holds no per-request state."""
 
-    def __init__(self, engine: Engine, max_chips: int = 4096, edge_margin: float = 2.0) -> None:
+    def __init__(
+        self, engine: Engine, max_chips: int = 4096, edge_margin: float = 2.0, preprocess: Preprocess = "auto"
+    ) -> None:
         self.engine = engine
         self.card: ModelCard = engine.card
         self.norm = Normalizer.from_card(self.card)
         self.adapter: Adapter = get_adapter(self.card)
         self.max_chips = max_chips
         self.edge_margin = edge_margin
+        # Where resizing and cropping run (service.staging): on the GPU when the engine takes device input.
+        self.staging: Staging = select_staging(engine, self.norm, preprocess)
 
     @classmethod
-    def load(cls, model_path: str | Path | None, engine: EngineConfig | None = None, **kwargs: float) -> Pipeline:
+    def load(
+        cls,
+        model_path: str | Path | None,
+        engine: EngineConfig | None = None,
+        max_chips: int = 4096,
+        edge_margin: float = 2.0,
+        preprocess: Preprocess = "auto",
+    ) -> Pipeline:
         """Load a model (ONNX Runtime on the CPU unless ``engine`` says otherwise)."""
         cfg = engine or EngineConfig()
-        return cls(create_engine(Path(model_path) if model_path is not None else None, cfg), **kwargs)  # type: ignore[arg-type]
+        path = Path(model_path) if model_path is not None else None
+        return cls(create_engine(path, cfg), max_chips=max_chips, edge_margin=edge_margin, preprocess=preprocess)
 
     # ---- stages ----------------------------------------------------------------------------
     def levels_for(self, options: DetectOptions) -> tuple[LevelSpec, ...]:
@@ -132,28 +146,25 @@ class Pipeline:
         except (PlanError, ValueError) as exc:
             raise InvalidOptions(str(exc)) from exc
         t1 = time.perf_counter()
-        level_images = resize_levels(image, chip_plan)
+        level_images = self.staging.levels(image, chip_plan)
         t2 = time.perf_counter()
         return Prepared(chip_plan, level_images, self.threshold(options), {"plan": t1 - t0, "crop": t2 - t1})
 
     def infer_chips(self, prepared: Prepared) -> ChipDetections:
         """Crop and run every chip of ``prepared`` in engine-sized batches (the synchronous path)."""
-        chip_plan = prepared.plan
-        c, b = chip_plan.chip_size, self.engine.max_batch
-        layout = self.engine.input_layout
-        buffer = chip_buffer(layout, min(b, chip_plan.num_chips), c)
+        chips = prepared.plan.chips
+        b = self.engine.max_batch
+        buffer = self.staging.new_buffer(min(b, len(chips)))
         parts: list[ChipDetections] = []
         crop_s = infer_s = 0.0
-        for start in range(0, chip_plan.num_chips, b):
-            sub = ChipPlan(
-                chip_plan.image_size, c, chip_plan.levels, chip_plan.chips[start : start + b], chip_plan.edge_margin
-            )
+        for start in range(0, len(chips), b):
+            sub = chips[start : start + b]
             t0 = time.perf_counter()
-            batch = crop_plan(prepared.level_images, sub, self.norm, out=buffer[: sub.num_chips], layout=layout)
+            staged = self.staging.fill([BatchPart(prepared.level_images, sub, 0)], buffer)
             t1 = time.perf_counter()
-            outputs = self.engine.infer(batch)
+            outputs = self.staging.infer(staged)
             t2 = time.perf_counter()
-            thresholds = np.full(sub.num_chips, prepared.threshold, np.float32)
+            thresholds = np.full(len(sub), prepared.threshold, np.float32)
             d = self.adapter(outputs, self.card, thresholds)
             parts.append(ChipDetections(d.chip + start, d.boxes, d.scores, d.classes))
             crop_s, infer_s = crop_s + t1 - t0, infer_s + t2 - t1

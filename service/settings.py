@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     trt_cache_dir: Path | None = Field(
         default=None, description="TensorRT EP engine cache (keep it on a volume to skip rebuilds on restart)."
     )
+    preprocess: Literal["auto", "cpu", "gpu"] = Field(
+        default="auto",
+        description="Where levels are resized and chips cut: gpu (into a TensorRT engine's device input), cpu, "
+        "or auto (gpu where the engine takes device input, else cpu). gpu fails at startup if it cannot.",
+    )
     # batching and admission
     max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
     max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")

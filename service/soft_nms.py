@@ -210,9 +210,15 @@ def batched_soft_nms(
         k, ks = soft_nms(boxes[members], scores[members], method, sigma, iou_threshold, score_threshold)
         keeps.append(members[k])
         kepts.append(ks)
+    return join_groups(keeps, kepts)
+
+
+def join_groups(keeps: list[np.ndarray], kepts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group results (in ascending group id) -> one ``(keep int64, kept float32)`` sorted by kept score,
+    descending, stable (ties keep group order, then selection order). Shared by the NumPy and GPU paths."""
     if not keeps:
         return np.empty(0, np.int64), np.empty(0, np.float32)
-    keep = np.concatenate(keeps)
-    kept = np.concatenate(kepts)
+    keep = np.concatenate(keeps).astype(np.int64, copy=False)
+    kept = np.concatenate(kepts).astype(np.float32, copy=False)
     order = np.argsort(-kept, kind="stable")
     return keep[order], kept[order]

@@ -1,8 +1,10 @@
 """GPU soft-NMS: one CUDA thread block per group (class, or image x class), exactly :mod:`service.soft_nms`.
 
-Status: written against CuPy's documented ``RawKernel`` API and compiled to PTX with ``nvcc`` on a machine
-without a GPU; never executed on a GPU yet (see README, GPU path, status table). ``scripts/gpu_check.py`` runs
-the parity check and the benchmarks on a GPU host.
+Status: written against CuPy's documented ``RawKernel`` API. The kernel source compiles to PTX with ``nvcc``,
+and in every test run it is compiled for the CPU and run through this module's host code by the tests' CUDA
+emulation (tests/cudasim: a fiber per CUDA thread, real barriers and warp shuffles, warps held back at random),
+where it gives the NumPy reference's exact result. It has not run on a GPU yet (README, GPU path, status
+table); ``scripts/gpu_check.py`` runs the parity check and the benchmarks on a GPU host.
 
 Exactness. The NumPy reference works in float64 on float32 inputs; so does the kernel, with the same
 order of operations (IoU as ``inter / ((area_a + area_b) - inter)``, Gaussian ``exp(-(iou * iou) / sigma)``,
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from service.soft_nms import _METHODS, Method, batched_soft_nms
+from service.soft_nms import _METHODS, Method, batched_soft_nms, join_groups
 
 log = logging.getLogger("snipserve.soft_nms_gpu")
 
@@ -292,10 +294,7 @@ def assemble(
         n = int(counts[gi])
         keeps.append(order[lo + keep_local[lo : lo + n]])
         kepts.append(kept64[lo : lo + n].astype(np.float32))
-    keep = np.concatenate(keeps) if keeps else np.empty(0, np.int64)
-    kept = np.concatenate(kepts) if kepts else np.empty(0, np.float32)
-    o = np.argsort(-kept, kind="stable")
-    return keep[o].astype(np.int64), kept[o]
+    return join_groups(keeps, kepts)
 
 
 def batched_soft_nms_auto(

@@ -68,3 +68,11 @@ def cupy_backend(request: pytest.FixtureRequest) -> Iterator[types.ModuleType]:
     _clear_caches()
     yield cupy
     _clear_caches()
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch, fake_cupy: types.ModuleType) -> types.ModuleType:
+    """The TensorRT stand-in in ``sys.modules`` (with the CuPy one)."""
+    trt = fake_gpu.make_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    return trt

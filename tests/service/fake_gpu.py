@@ -16,10 +16,13 @@ import enum
 import importlib.machinery
 import json
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from service.engine import FAKE_CARD
+from service.engine_manifest import BatchProfile, EngineManifest, write_manifest
 from tests import cudasim
 
 # ---- cupy ------------------------------------------------------------------------------------------------------
@@ -56,6 +59,12 @@ class FakeArray:
 
     def __getitem__(self, key: Any) -> FakeArray:
         return FakeArray(self.a[key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.a[key] = value.a if isinstance(value, FakeArray) else value
+
+    def fill(self, value: Any) -> None:
+        self.a.fill(value)
 
     def get(self) -> np.ndarray:
         return self.a.copy()
@@ -343,3 +352,32 @@ def make_tensorrt(version: str = "10.99.0.1") -> types.ModuleType:
     trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
     return trt
+
+
+# ---- a serialized "engine" with its manifest ---------------------------------------------------------------------
+
+TRT_CARD = FAKE_CARD.model_copy(update={"input_name": "images", "output_names": ("mean", "top")})
+
+
+def engine_files(tmp_path: Path, profile: BatchProfile, version: str = "10.99.0.1") -> Path:
+    """``model.engine`` (what :func:`make_tensorrt`'s runtime deserialises) and its manifest, in ``tmp_path``."""
+    engine = tmp_path / "model.engine"
+    spec = {"chip": TRT_CARD.input_size, "profile": [profile.min_batch, profile.opt_batch, profile.max_batch]}
+    engine.write_text(json.dumps(spec))
+    write_manifest(
+        engine,
+        EngineManifest(
+            tensorrt_version=version,
+            gpu_name="Fake GPU",
+            compute_capability="9.0",
+            precision="fp32",
+            profile=profile,
+            input_name="images",
+            output_names=("mean", "top"),
+            onnx_file="model.onnx",
+            onnx_sha256="0" * 64,
+            card=TRT_CARD.model_dump(mode="json", exclude_none=True),
+            workspace_mib=64,
+        ),
+    )
+    return engine

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.crop import Normalizer
 from service.engine import FAKE_CARD, EngineConfig, create_engine
 from service.engine_manifest import (
     BatchProfile,
@@ -172,14 +173,15 @@ def test_infer_rejects_a_wrong_chip_shape() -> None:
         engine.infer(np.zeros((1, 3, 64, 64), np.float32))
 
 
-def test_infer_device_needs_a_device_runner() -> None:
+def test_infer_staged_needs_a_device_runner() -> None:
     profile = BatchProfile(min_batch=1, opt_batch=1, max_batch=2)
     engine = TensorRTEngine.from_runner(FAKE_CARD, StubRunner(profile), make_manifest(profile=profile), 8)
     assert engine.input_device is None
-    with pytest.raises(ValueError, match="n must be in"):
-        engine.infer_device(3)
+    norm = Normalizer.from_card(FAKE_CARD)
+    with pytest.raises(ValueError, match=r"chips must number 1\.\.2, got 3"):
+        engine.infer_staged([], np.zeros((3, 3), np.int32), norm)
     with pytest.raises(RuntimeError, match="no device input buffer"):
-        engine.infer_device(1)
+        engine.infer_staged([], np.zeros((1, 3), np.int32), norm)
 
 
 # ---- wiring ----------------------------------------------------------------------------------------------------

@@ -7,8 +7,6 @@ behave as documented; whether they do is what the ``tensorrt`` tests check on a 
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,45 +14,18 @@ import cv2
 import numpy as np
 import pytest
 
-from service.engine import FAKE_CARD, EngineConfig, create_engine
-from service.engine_manifest import BatchProfile, EngineManifest, read_manifest, sha256_file, write_manifest
+from service.crop import Normalizer, crop_plan, resize_levels
+from service.engine import EngineConfig, create_engine
+from service.engine_manifest import BatchProfile, read_manifest, sha256_file
 from service.errors import ModelLoadError
+from service.plan import ChipPlan, LevelSpec, PlanConfig, plan
 from tests.service import fake_gpu
 from tests.service.test_crop_gpu import smooth_image
 
 # ---- TensorRT engine ---------------------------------------------------------------------------------------------
 
-TRT_CARD = FAKE_CARD.model_copy(update={"input_name": "images", "output_names": ("mean", "top")})
-
-
-def _fake_engine_files(tmp_path: Path, profile: BatchProfile, version: str = "10.99.0.1") -> Path:
-    engine = tmp_path / "model.engine"
-    spec = {"chip": TRT_CARD.input_size, "profile": [profile.min_batch, profile.opt_batch, profile.max_batch]}
-    engine.write_text(json.dumps(spec))  # what the fake TensorRT runtime deserialises
-    write_manifest(
-        engine,
-        EngineManifest(
-            tensorrt_version=version,
-            gpu_name="Fake GPU",
-            compute_capability="9.0",
-            precision="fp32",
-            profile=profile,
-            input_name="images",
-            output_names=("mean", "top"),
-            onnx_file="model.onnx",
-            onnx_sha256="0" * 64,
-            card=TRT_CARD.model_dump(mode="json", exclude_none=True),
-            workspace_mib=64,
-        ),
-    )
-    return engine
-
-
-@pytest.fixture
-def fake_trt(monkeypatch: pytest.MonkeyPatch, fake_cupy: Any) -> Any:
-    trt = fake_gpu.make_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    return trt
+TRT_CARD = fake_gpu.TRT_CARD
+_fake_engine_files = fake_gpu.engine_files
 
 
 def test_tensorrt_engine_host_code_with_fakes(fake_trt: Any, tmp_path: Path) -> None:
@@ -69,11 +40,27 @@ def test_tensorrt_engine_host_code_with_fakes(fake_trt: Any, tmp_path: Path) -> 
     assert one[0].shape == (1, 1)
     ctx = engine._runner.context  # type: ignore[attr-defined]
     assert ctx.executions == [4, 3, 2]
-    # GPU pre-processing path: rows written straight into the device input buffer.
-    engine.input_device.a[:3] = x[:3]  # type: ignore[union-attr]
-    mean_dev, _ = engine.infer_device(3)  # type: ignore[attr-defined]
-    np.testing.assert_allclose(mean_dev, mean[:3], rtol=1e-6)
     assert engine.max_batch == 4 and engine.precision == "fp32"
+    engine.close()
+
+
+@pytest.mark.parametrize("n", [1, 3, 4])
+def test_tensorrt_infer_staged_with_fakes(fake_trt: Any, tmp_path: Path, n: int) -> None:
+    """The GPU pre-processing path: the crop kernel (emulated) cuts chips from device levels straight into the
+    engine's input buffer; the engine sees exactly the chips the CPU path would feed it."""
+    profile = BatchProfile(min_batch=2, opt_batch=4, max_batch=4)
+    engine = create_engine(_fake_engine_files(tmp_path, profile), EngineConfig(kind="tensorrt"))
+    img = smooth_image(np.random.default_rng(4), 200, 300)
+    cfg = PlanConfig(chip_size=TRT_CARD.input_size, levels=(LevelSpec(scale=1.3), LevelSpec(scale=0.6)))
+    p = plan((img.shape[1], img.shape[0]), cfg)
+    norm = Normalizer.from_card(TRT_CARD)
+    levels = resize_levels(img, p)
+    chips = p.chips[-n:]  # the last chips: padded past the level's edge
+    want = engine.infer(crop_plan(levels, ChipPlan(p.image_size, p.chip_size, p.levels, chips, 2.0), norm))
+    got = engine.infer_staged([fake_gpu.FakeArray(np.ascontiguousarray(x)) for x in levels], chips, norm)  # type: ignore[attr-defined]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert engine._runner.context.executions[-1] == max(n, 2)  # type: ignore[attr-defined]  # padded to min batch
     engine.close()
 
 

@@ -162,7 +162,7 @@ def random_boxes(rng: np.random.Generator, n: int, classes: int) -> tuple[np.nda
     return boxes, scores, rng.integers(0, classes, n).astype(np.int32)
 
 
-def soft_nms_parity(cases: int) -> tuple[bool, str]:
+def soft_nms_parity(cases: int, max_boxes: int = 600) -> tuple[bool, str]:
     need_gpu()
     from service.soft_nms import batched_soft_nms
     from service.soft_nms_gpu import soft_nms_groups_gpu
@@ -171,7 +171,7 @@ def soft_nms_parity(cases: int) -> tuple[bool, str]:
     bad, worst = 0, 0.0
     for i in range(cases):
         method = ("gaussian", "linear", "hard")[i % 3]
-        n = int(rng.integers(1, 600))
+        n = int(rng.integers(1, max_boxes))
         boxes, scores, groups = random_boxes(rng, n, int(rng.integers(1, 8)))
         thr = float(rng.choice([0.0, 0.001, 0.05, 0.3]))
         want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
@@ -226,7 +226,7 @@ def pyramid_plan(card: Any, image: np.ndarray, levels: Any = None) -> Any:
     return plan((image.shape[1], image.shape[0]), cfg)
 
 
-def preprocess_parity(card: Any) -> tuple[bool, str]:
+def preprocess_parity(card: Any, size: tuple[int, int] = (1080, 1920)) -> tuple[bool, str]:
     need_gpu()
     import cupy as cp
 
@@ -234,7 +234,7 @@ def preprocess_parity(card: Any) -> tuple[bool, str]:
     from service.crop import Normalizer, crop_plan, resize_levels
     from service.plan import LevelSpec
 
-    img = test_image(1080, 1920)
+    img = test_image(*size)
     levels = (LevelSpec(scale=1.6), LevelSpec(scale=1.0), LevelSpec(scale=0.41), LevelSpec(scale=0.25))
     p = pyramid_plan(card, img, levels)
     norm = Normalizer.from_card(card)
@@ -253,20 +253,20 @@ def preprocess_parity(card: Any) -> tuple[bool, str]:
     tol = float(norm.scale.max()) * 1.0001
     ok = resize_max <= 1 and crop_exact and whole_max <= tol
     return ok, (
-        f"1920x1080, 4 levels, {p.num_chips} chips: resize max |diff| {resize_max} grey level(s), "
+        f"{size[1]}x{size[0]}, 4 levels, {p.num_chips} chips: resize max |diff| {resize_max} grey level(s), "
         f"{exact:.2%} pixels exact; crop+normalise bit-exact: {crop_exact}; whole path max |diff| {whole_max:.3g} "
         f"(tolerance {tol:.3g})"
     )
 
 
-def preprocess_bench(card: Any, repeat: int) -> tuple[None, str]:
+def preprocess_bench(card: Any, repeat: int, size: tuple[int, int] = (3000, 4000)) -> tuple[None, str]:
     need_gpu()
     import cupy as cp
 
     from service import crop_gpu
     from service.crop import Normalizer, crop_plan, resize_levels
 
-    img = test_image(3000, 4000, 1)
+    img = test_image(*size, 1)
     p = pyramid_plan(card, img)
     norm = Normalizer.from_card(card)
     out_cpu = np.empty((p.num_chips, 3, card.input_size, card.input_size), np.float32)
@@ -274,7 +274,7 @@ def preprocess_bench(card: Any, repeat: int) -> tuple[None, str]:
     cpu = median_s(lambda: crop_plan(resize_levels(img, p), p, norm, out=out_cpu), max(1, repeat // 3))
     gpu = median_s(lambda: crop_gpu.preprocess_to_device(img, p, norm, out=out_gpu), repeat, cuda_sync)
     return None, (
-        f"4000x3000, default levels, {p.num_chips} chips: CPU (OpenCV+NumPy) {cpu * 1e3:.1f} ms, "
+        f"{size[1]}x{size[0]}, default levels, {p.num_chips} chips: CPU (OpenCV+NumPy) {cpu * 1e3:.1f} ms, "
         f"GPU (upload+resize+crop) {gpu * 1e3:.1f} ms (x{cpu / gpu:.1f})"
     )
 

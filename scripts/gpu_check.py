@@ -402,7 +402,7 @@ def ort_ep_parity(
     )
 
 
-def staged_pipeline(engine: Path, repeat: int) -> tuple[bool, str]:
+def staged_pipeline(engine: Path, repeat: int, size: tuple[int, int] = (1080, 1920)) -> tuple[bool, str]:
     """The service's pipeline on the TensorRT engine with pre-processing on the GPU (DeviceStaging) vs on the
     CPU (HostStaging): same detections (within the resize tolerance), and images/s of each."""
     from service.engine import EngineConfig
@@ -413,7 +413,7 @@ def staged_pipeline(engine: Path, repeat: int) -> tuple[bool, str]:
     trt_e = TensorRTEngine(engine, EngineConfig(kind="tensorrt", max_batch=32))
     try:
         gpu, cpu = Pipeline(trt_e, preprocess="gpu"), Pipeline(trt_e, preprocess="cpu")
-        img = test_image(1080, 1920, 8)
+        img = test_image(*size, 8)
         opts = DetectOptions()
         got, want = gpu.detect(img, opts), cpu.detect(img, opts)
         t_gpu = median_s(lambda: gpu.detect(img, opts), repeat)
@@ -430,7 +430,8 @@ def staged_pipeline(engine: Path, repeat: int) -> tuple[bool, str]:
             matched += bool((iou > 0.9).any())
     ok = abs(len(got.scores) - n) <= max(2, n // 50) and matched >= 0.97 * n
     return ok, (
-        f"1920x1080, {got.num_chips} chips: {len(got.scores)} vs {n} detections, {matched}/{n} matched (IoU > 0.9); "
+        f"{size[1]}x{size[0]}, {got.num_chips} chips: {len(got.scores)} vs {n} detections, {matched}/{n} matched "
+        f"(IoU > 0.9); "
         f"{1 / t_gpu:.1f} images/s with GPU pre-processing vs {1 / t_cpu:.1f} with CPU ({t_cpu / t_gpu:.2f}x)"
     )
 

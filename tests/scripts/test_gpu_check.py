@@ -10,6 +10,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.engine import FAKE_CARD
@@ -50,3 +51,19 @@ def test_rows_skip_with_a_reason_without_cupy(gpu_check: types.ModuleType, monke
     gpu_check.ROWS.clear()
     gpu_check.row("soft-NMS parity", lambda: gpu_check.soft_nms_parity(1))
     assert gpu_check.ROWS[-1].status == "SKIPPED (cupy not installed)"
+
+
+def test_tensorrt_rows(fake_trt: types.ModuleType, gpu_check: types.ModuleType, tmp_path: Path) -> None:
+    """Export, TensorRT vs ONNX Runtime, and the pipeline with GPU vs CPU pre-processing, on the shipped model
+    (the stand-in's engines execute the model with ONNX Runtime, so parity here checks the script's logic)."""
+    pytest.importorskip("onnx", reason="needs the export extra (onnx)")
+    onnx_path = ROOT / "models" / "snipserve_default.onnx"
+    gpu_check.ROWS.clear()
+    engine = gpu_check.build(onnx_path, tmp_path, "fp16", None)
+    assert gpu_check.ROWS[-1].status == "PASS" and engine.is_file()
+    chips = np.random.default_rng(0).normal(0, 1, (40, 3, 256, 256)).astype(np.float32)
+    ok, detail = gpu_check.trt_parity(engine, onnx_path, chips, 5e-2, 0.5)
+    assert ok, detail
+    ok, detail = gpu_check.staged_pipeline(engine, repeat=1, size=(300, 400))
+    assert ok, detail
+    assert "images/s with GPU pre-processing" in detail

@@ -151,15 +151,11 @@ def environment() -> dict[str, str]:
 
 
 def random_boxes(rng: np.random.Generator, n: int, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clustered boxes like merged pyramid detections (many overlaps), some exact score ties."""
-    centres = rng.uniform(0, 4000, (max(1, n // 8), 2))
-    c = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 8, (n, 2))
-    wh = rng.uniform(4, 60, (n, 2))
-    boxes = np.concatenate([c - wh / 2, c + wh / 2], axis=1).astype(np.float32)
-    scores = rng.uniform(0, 1, n).astype(np.float32)
-    if n > 4:
-        scores[rng.integers(0, n, n // 10)] = scores[0]
-    return boxes, scores, rng.integers(0, classes, n).astype(np.int32)
+    """Clustered boxes like merged pyramid detections on a 4000 px image (many overlaps), some exact score ties:
+    the soft-NMS tests' generator with wider parameters."""
+    from tests.service.test_soft_nms_gpu import random_case
+
+    return random_case(rng, n, classes, extent=4000, spread=8, max_side=60, tie_share=10)
 
 
 def soft_nms_parity(cases: int, max_boxes: int = 600) -> tuple[bool, str]:

@@ -111,7 +111,6 @@ class Batcher:
     ) -> None:
         self.engine = engine
         self.adapter = adapter
-        self.norm = normalizer
         self.config = config
         # Where chips are cropped (host buffers, or the engine's device buffer): the pipeline's staging, whose
         # ``levels`` made the level images this batcher is handed.

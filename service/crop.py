@@ -123,6 +123,13 @@ def crop_plan(
     """All chips of ``plan`` as a ``layout`` batch (``float32 [K, 3, C, C]`` by default), into ``out`` when given."""
     if out is None:
         out = chip_buffer(layout, plan.num_chips, plan.chip_size)
-    for i, (level, x0, y0) in enumerate(plan.chips.tolist()):
-        write_chip_as(layout, out[i], level_images[level], x0, y0, norm)
+    crop_chips(level_images, plan.chips, norm, out, layout)
     return out
+
+
+def crop_chips(
+    level_images: list[np.ndarray], chips: np.ndarray, norm: Normalizer, out: np.ndarray, layout: ChipLayout
+) -> None:
+    """Write ``chips`` (``int [n, 3]`` level, x0, y0) of ``level_images`` into rows ``0..n-1`` of ``out``."""
+    for i, (level, x0, y0) in enumerate(chips.tolist()):
+        write_chip_as(layout, out[i], level_images[level], x0, y0, norm)

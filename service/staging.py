@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from service.crop import Normalizer, chip_buffer, resize_levels, write_chip_as
+from service.crop import Normalizer, chip_buffer, crop_chips, resize_levels
 from service.engine import Engine
 from service.errors import ModelLoadError
 from service.plan import ChipPlan
@@ -84,8 +84,7 @@ class HostStaging:
     def fill(self, parts: list[BatchPart], buffer: np.ndarray) -> np.ndarray:
         rows = 0
         for part in parts:
-            for i, (level, x0, y0) in enumerate(part.chips.tolist()):
-                write_chip_as(self.layout, buffer[part.row + i], part.level_images[level], x0, y0, self.norm)
+            crop_chips(part.level_images, part.chips, self.norm, buffer[part.row :], self.layout)
             rows = max(rows, part.row + len(part.chips))
         return buffer[:rows]
 

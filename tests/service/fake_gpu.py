@@ -60,9 +60,6 @@ class FakeArray:
     def __getitem__(self, key: Any) -> FakeArray:
         return FakeArray(self.a[key])
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.a[key] = value.a if isinstance(value, FakeArray) else value
-
     def fill(self, value: Any) -> None:
         self.a.fill(value)
 

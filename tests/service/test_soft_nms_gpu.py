@@ -29,15 +29,24 @@ from service.soft_nms_gpu import (
 from tests.service import fake_gpu
 
 
-def random_case(rng: np.random.Generator, n: int, classes: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Clustered boxes (many overlaps), some duplicated scores (ties), float32 like the service."""
-    centres = rng.uniform(0, 400, (max(1, n // 8), 2))
-    c = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 6, (n, 2))
-    wh = rng.uniform(4, 40, (n, 2))
+def random_case(
+    rng: np.random.Generator,
+    n: int,
+    classes: int = 3,
+    extent: float = 400,
+    spread: float = 6,
+    max_side: float = 40,
+    tie_share: int = 4,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered boxes (many overlaps) in ``[0, extent]``, ``n // tie_share`` scores duplicated (exact ties),
+    float32 like the service. ``scripts/gpu_check.py`` draws its cases here too, spread over a larger image."""
+    centres = rng.uniform(0, extent, (max(1, n // 8), 2))
+    c = centres[rng.integers(0, len(centres), n)] + rng.normal(0, spread, (n, 2))
+    wh = rng.uniform(4, max_side, (n, 2))
     boxes = np.concatenate([c - wh / 2, c + wh / 2], axis=1).astype(np.float32)
     scores = rng.uniform(0, 1, n).astype(np.float32)
     if n > 4:
-        scores[rng.integers(0, n, n // 4)] = scores[0]  # exact ties
+        scores[rng.integers(0, n, n // tie_share)] = scores[0]  # exact ties
     groups = rng.integers(0, classes, n).astype(np.int32)
     return boxes, scores, groups
 

@@ -23,6 +23,7 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 FROM scratch AS source
 COPY pyproject.toml README.md /src/
 COPY service /src/service
+COPY snipserve_client /src/snipserve_client
 COPY models /src/models
 COPY exporters /src/exporters
 COPY loadtest /src/loadtest
@@ -37,7 +38,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python -m venv /opt/venv \
  && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[cpu]" \
  && /opt/venv/bin/pip install --no-index --find-links /wheels "snipserve[cpu]" \
- && /opt/venv/bin/python -c "import service.api, onnxruntime" \
+ && /opt/venv/bin/python -c "import service.http.app, onnxruntime" \
  && mkdir -p /models \
  && /opt/venv/bin/python -c "import pathlib, shutil, models; \
 m = pathlib.Path(models.__file__).parent / 'snipserve_default.onnx'; \
@@ -87,7 +88,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/venv \
  && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[gpu]" \
  && /opt/venv/bin/pip install --no-index --find-links /wheels "snipserve[gpu]" \
- && /opt/venv/bin/python -c "import importlib.util as u, service.api, onnxruntime, pynvml, onnx; \
+ && /opt/venv/bin/python -c "import importlib.util as u, service.http.app, onnxruntime, pynvml, onnx; \
 assert u.find_spec('tensorrt') and 'CUDAExecutionProvider' in onnxruntime.get_available_providers()" \
  && /opt/venv/bin/python -c "import importlib.metadata as md, mmap, pathlib, re, onnxruntime; \
 so = pathlib.Path(onnxruntime.__file__).parent / 'capi' / 'libonnxruntime_providers_cuda.so'; \

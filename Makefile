@@ -32,8 +32,8 @@ bench: install-test
 	$(BIN)/snipserve bench
 
 lint: install-test
-	$(BIN)/ruff check service models exporters loadtest tests
-	$(BIN)/mypy service
+	$(BIN)/ruff check service snipserve_client models exporters loadtest tests
+	$(BIN)/mypy service snipserve_client
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

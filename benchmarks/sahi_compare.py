@@ -56,7 +56,8 @@ from sahi.prediction import ObjectPrediction  # noqa: E402
 from service.adapters import get_adapter  # noqa: E402
 from service.batch import Batcher, BatcherConfig  # noqa: E402
 from service.crop import Normalizer, chip_buffer, write_chip_as  # noqa: E402
-from service.engine import EngineConfig, OnnxRuntimeEngine  # noqa: E402
+from service.engines import EngineConfig  # noqa: E402
+from service.engines.onnxruntime import OnnxRuntimeEngine  # noqa: E402
 from service.options import DetectOptions  # noqa: E402
 from service.pipeline import Pipeline  # noqa: E402
 from service.plan import LevelSpec, plan  # noqa: E402

@@ -6,7 +6,7 @@ README, GPU path, status table). ``scripts/gpu_check.py`` builds FP32/FP16/INT8 
 Build: parse the ONNX file, one optimisation profile over the batch dimension (min/opt/max; the chip shape
 is fixed by the card), a workspace limit, a timing cache loaded from and saved back to a file (rebuilds and
 the other precisions reuse kernel timings), the precision flag, ``build_serialized_network``. The engine is
-written with ``<stem>.manifest.json`` beside it (:mod:`service.engine_manifest`): TensorRT version, GPU and
+written with ``<stem>.manifest.json`` beside it (:mod:`service.engines.manifest`): TensorRT version, GPU and
 compute capability, precision, profile, SHA-256 and card of the source ONNX.
 
 Precision on TensorRT versions:
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.engine_manifest import BatchProfile, EngineManifest, Precision, sha256_file, write_manifest
+from service.engines.manifest import BatchProfile, EngineManifest, Precision, sha256_file, write_manifest
 from service.modelcard import ModelCard
 
 log = logging.getLogger("snipserve.exporters.tensorrt")
@@ -176,7 +176,7 @@ def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> Tenso
 
     import tensorrt as trt
 
-    from service.engine_tensorrt import device_identity
+    from service.engines.tensorrt import device_identity
 
     t0 = time.perf_counter()
     card = onnx_card(onnx_path)
@@ -293,8 +293,9 @@ class EngineParity:
 def engine_parity(engine_path: Path, onnx_path: Path, chips: np.ndarray, max_batch: int = 8) -> EngineParity:
     """Run ``chips`` ``float32 [N, 3, C, C]`` through the engine and ONNX Runtime (CPU EP); per-output max |diff|.
     Batch sizes 1, ``max_batch`` and ``N`` are all exercised (profile edges and splitting)."""
-    from service.engine import EngineConfig, OnnxRuntimeEngine
-    from service.engine_tensorrt import TensorRTEngine
+    from service.engines import EngineConfig
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from service.engines.tensorrt import TensorRTEngine
 
     trt_engine = TensorRTEngine(engine_path, EngineConfig(kind="tensorrt", max_batch=max_batch))
     ort_engine = OnnxRuntimeEngine(onnx_path, EngineConfig(max_batch=max(max_batch, chips.shape[0])))

@@ -117,7 +117,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``modes`` over the dataset at ``data_dir`` and score them; returns the results dict."""
-    from service.engine import EngineConfig
+    from service.engines import EngineConfig
     from service.pipeline import Pipeline
 
     cfg = cfg or EvalConfig()

@@ -309,7 +309,7 @@ def detections_match(card: Any, got: list[np.ndarray], want: list[np.ndarray], b
 
 def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> Path:
     from exporters.tensorrt import TensorRTExportConfig, build_engine
-    from service.engine_manifest import BatchProfile
+    from service.engines.manifest import BatchProfile
 
     engine = work / f"model_{precision}.engine"
     cfg = TensorRTExportConfig(
@@ -327,8 +327,9 @@ def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> Pa
 
 
 def trt_parity(engine: Path, onnx_path: Path, chips: np.ndarray, tol: float, box_tol: float) -> tuple[bool, str]:
-    from service.engine import EngineConfig, OnnxRuntimeEngine
-    from service.engine_tensorrt import TensorRTEngine
+    from service.engines import EngineConfig
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from service.engines.tensorrt import TensorRTEngine
 
     trt_e = TensorRTEngine(engine, EngineConfig(kind="tensorrt", max_batch=32))
     ort_e = OnnxRuntimeEngine(onnx_path, EngineConfig(max_batch=64))
@@ -347,8 +348,9 @@ def trt_parity(engine: Path, onnx_path: Path, chips: np.ndarray, tol: float, box
 
 
 def trt_bench(engine: Path, onnx_path: Path, chips: np.ndarray, repeat: int) -> tuple[None, str]:
-    from service.engine import EngineConfig, OnnxRuntimeEngine
-    from service.engine_tensorrt import TensorRTEngine
+    from service.engines import EngineConfig
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+    from service.engines.tensorrt import TensorRTEngine
 
     b = chips[:8]
     trt_e = TensorRTEngine(engine, EngineConfig(kind="tensorrt", max_batch=32))
@@ -375,7 +377,8 @@ def ort_ep_parity(
     need("onnxruntime")
     import onnxruntime as ort
 
-    from service.engine import ORT_PROVIDER_NAMES, EngineConfig, OnnxRuntimeEngine
+    from service.engines import ORT_PROVIDER_NAMES, EngineConfig
+    from service.engines.onnxruntime import OnnxRuntimeEngine
 
     if ORT_PROVIDER_NAMES[providers[0]] not in ort.get_available_providers():
         raise Skip(f"{ORT_PROVIDER_NAMES[providers[0]]} not in this onnxruntime build")
@@ -401,8 +404,8 @@ def ort_ep_parity(
 def staged_pipeline(engine: Path, repeat: int, size: tuple[int, int] = (1080, 1920)) -> tuple[bool, str]:
     """The service's pipeline on the TensorRT engine with pre-processing on the GPU (DeviceStaging) vs on the
     CPU (HostStaging): same detections (within the resize tolerance), and images/s of each."""
-    from service.engine import EngineConfig
-    from service.engine_tensorrt import TensorRTEngine
+    from service.engines import EngineConfig
+    from service.engines.tensorrt import TensorRTEngine
     from service.options import DetectOptions
     from service.pipeline import Pipeline
 
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        from service.engine import FAKE_CARD
+        from service.engines.fake import FAKE_CARD
 
         row("GPU soft-NMS parity vs NumPy", lambda: soft_nms_parity(cases))
         for n in (1000, 5000, 20000):
@@ -468,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         card: Any = FAKE_CARD
         try:
             onnx_path, what = model_path(args.onnx, work)
-            from service.engine import EngineConfig, OnnxRuntimeEngine
+            from service.engines import EngineConfig
+            from service.engines.onnxruntime import OnnxRuntimeEngine
 
             e = OnnxRuntimeEngine(onnx_path, EngineConfig())
             card = e.card

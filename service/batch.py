@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service import metrics
 from service.adapters import Adapter, ChipDetections
 from service.crop import Normalizer
-from service.engine import Engine, engine_on_gpu
+from service.engines import Engine, engine_on_gpu
 from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
 from service.plan import ChipPlan
 from service.staging import BatchPart, HostStaging, Staging

@@ -5,7 +5,7 @@ Two buffer layouts, chosen by the engine (``engine.input_layout``):
 - ``float32_nchw``: the model's own input. A chip is normalised while it is copied
   (``(pixel / 255 - mean) / std``, channel order per the card).
 - ``uint8_nhwc``: raw pixels; the engine's graph normalises (ONNX Runtime with
-  ``fuse_preprocess``, see :mod:`service.engine`). Copying bytes moves a quarter of the data and leaves
+  ``fuse_preprocess``, see :mod:`service.engines.fusion`). Copying bytes moves a quarter of the data and leaves
   the arithmetic to the engine's own thread pool.
 
 Either way there is no per-chip temporary beyond the one resized image per level. Where a chip extends

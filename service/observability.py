@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -74,6 +74,17 @@ def accept_request_id(value: str | None) -> str:
     return new_request_id()
 
 
+def _flat(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """Routes with included routers expanded (FastAPI keeps an included router as one entry, whose ``matches``
+    does not say which of its routes matched)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
+
+
 def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """The matched route's path template, or ``UNMATCHED_ROUTE`` (404s must not mint label values).
 
@@ -84,7 +95,7 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     route = scope.get("route")
     if route is None:
         partial = None
-        for candidate in routes:
+        for candidate in _flat(routes):
             match, _ = candidate.matches(scope)
             if match == Match.FULL:
                 route = candidate

@@ -20,7 +20,7 @@ from service import metrics
 from service.adapters import Adapter, ChipDetections, get_adapter
 from service.batch import Batcher, Priority
 from service.crop import Normalizer
-from service.engine import Engine, EngineConfig, create_engine
+from service.engines import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
 from service.modelcard import ModelCard
 from service.options import DetectOptions

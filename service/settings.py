@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batch import BatcherConfig
 from service.decode import DecodeConfig
-from service.engine import EngineConfig, Provider
+from service.engines import EngineConfig, Provider
 from service.security import resolve_model_path
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from service.crop import Normalizer, chip_buffer, crop_chips, resize_levels
-from service.engine import Engine
+from service.engines import Engine
 from service.errors import ModelLoadError
 from service.plan import ChipPlan
 
@@ -93,7 +93,7 @@ class HostStaging:
 
 
 class DeviceEngine(Engine, Protocol):
-    """An engine that takes chips already on the device (:class:`service.engine_tensorrt.TensorRTEngine`)."""
+    """An engine that takes chips already on the device (:class:`service.engines.tensorrt.TensorRTEngine`)."""
 
     @property
     def input_device(self) -> Any: ...

@@ -1,4 +1,4 @@
-"""House style as tests: ruff over the tree and mypy --strict over service/ (STYLE.md)."""
+"""House style as tests: ruff over the tree and mypy --strict over service/ and snipserve_client/ (STYLE.md)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_clean() -> None:
-    r = run("ruff", "check", "service", "models", "exporters", "loadtest", "tests", "benchmarks", "scripts")
+    r = run("ruff", "check", "service", "snipserve_client", "models", "exporters", "loadtest", "tests", "benchmarks",
+            "scripts")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_mypy_strict_service() -> None:
-    r = run("mypy", "service")
+    r = run("mypy", "service", "snipserve_client")
     assert r.returncode == 0, r.stdout + r.stderr

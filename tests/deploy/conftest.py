@@ -88,7 +88,7 @@ def fake_settings() -> object:
 @pytest.fixture(scope="module")
 def exposition() -> str:
     """``GET /metrics`` of the real app after a little traffic (ok, bad image, 404, probes)."""
-    from service.api import create_app
+    from service.http.app import create_app
 
     app = create_app(fake_settings())  # type: ignore[arg-type]
     root = logging.getLogger()

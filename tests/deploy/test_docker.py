@@ -138,7 +138,7 @@ def test_bases_and_extras() -> None:
     assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE)
     assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:12\.\S+-cudnn-runtime-", DOCKERFILE)
     assert '".[cpu]"' in all_stages["cpu-builder"] and '".[gpu]"' in all_stages["gpu-builder"]
-    assert "import importlib.util as u, service.api, onnxruntime, pynvml" in all_stages["gpu-builder"]
+    assert "import importlib.util as u, service.http.app, onnxruntime, pynvml" in all_stages["gpu-builder"]
     assert "find_spec('tensorrt')" in all_stages["gpu-builder"]
     assert "tensorrt_libs" in all_stages["gpu"]  # ONNX Runtime's TensorRT EP must find libnvinfer
 
@@ -175,7 +175,7 @@ def test_copied_sources_exist() -> None:
     copied = re.search(r"^FROM scratch AS source\n((?:COPY .*\n)+)", DOCKERFILE, flags=re.M)
     assert copied
     paths = [p for line in copied.group(1).splitlines() for p in line.split()[1:-1]]
-    assert {"pyproject.toml", "service", "models"} <= set(paths)
+    assert {"pyproject.toml", "service", "snipserve_client", "models"} <= set(paths)
     missing = [p for p in paths if not (ROOT / p).exists()]
     if missing == ["README.md"]:
         pytest.skip("README.md (pyproject's readme, copied into the image) does not exist yet")

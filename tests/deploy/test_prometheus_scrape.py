@@ -53,7 +53,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def service() -> Iterator[str]:
     """The real app under uvicorn on 127.0.0.1:<random>, in a thread."""
-    from service.api import create_app
+    from service.http.app import create_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from exporters.tensorrt import ExportError, calibration_chips
-from service.engine import FAKE_CARD
+from service.engines.fake import FAKE_CARD
 from service.errors import ModelLoadError
 
 
@@ -106,7 +106,7 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-3), ("fp16", 3e-2)])
 def test_build_engine_manifest_and_parity(tiny_onnx: Path, tmp_path: Path, precision: str, tolerance: float) -> None:
     from exporters.tensorrt import TensorRTExportConfig, build_engine, engine_parity
-    from service.engine_manifest import BatchProfile, read_manifest, sha256_file
+    from service.engines.manifest import BatchProfile, read_manifest, sha256_file
 
     cfg = TensorRTExportConfig(
         precision=precision,  # type: ignore[arg-type]
@@ -129,8 +129,8 @@ def test_build_engine_manifest_and_parity(tiny_onnx: Path, tmp_path: Path, preci
 @requires_trt
 def test_engine_from_another_tensorrt_version_is_refused(tiny_onnx: Path, tmp_path: Path) -> None:
     from exporters.tensorrt import TensorRTExportConfig, build_engine
-    from service.engine import EngineConfig, create_engine
-    from service.engine_manifest import manifest_path
+    from service.engines import EngineConfig, create_engine
+    from service.engines.manifest import manifest_path
 
     engine = tmp_path / "tiny.engine"
     build_engine(tiny_onnx, engine, TensorRTExportConfig(precision="fp32", workspace_mib=256))

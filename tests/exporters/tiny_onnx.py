@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine import FAKE_CARD
+from service.engines.fake import FAKE_CARD
 from service.modelcard import CARD_METADATA_KEY, ModelCard
 
 

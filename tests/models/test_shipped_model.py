@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime", reason="needs the cpu extra (onnxruntim
 
 
 def _pipeline():  # type: ignore[no-untyped-def]
-    from service.engine import EngineConfig
+    from service.engines import EngineConfig
     from service.pipeline import Pipeline
 
     return Pipeline.load(MODEL, EngineConfig(intra_op_threads=2, max_batch=16))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import FAKE_CARD
+from service.engines.fake import FAKE_CARD
 
 ROOT = Path(__file__).resolve().parents[2]
 

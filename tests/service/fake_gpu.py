@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.engine import FAKE_CARD
-from service.engine_manifest import BatchProfile, EngineManifest, write_manifest
+from service.engines.fake import FAKE_CARD
+from service.engines.manifest import BatchProfile, EngineManifest, write_manifest
 from tests import cudasim
 
 # ---- cupy ------------------------------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import State, create_app
-from service.engine import Engine, FakeEngine
+from service.engines import Engine
+from service.engines.fake import FakeEngine
+from service.http.app import create_app
+from service.http.serving import State
 from service.settings import Settings
 
 START_TIMEOUT_S = 10.0

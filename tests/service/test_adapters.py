@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import EngineConfig, OnnxRuntimeEngine
+from service.engines import EngineConfig
+from service.engines.onnxruntime import OnnxRuntimeEngine
 from service.modelcard import CARD_METADATA_KEY, ModelCard
 from service.plan import LevelSpec
 from tests.service.onnx_graphs import constant_model

@@ -13,7 +13,7 @@ import pytest
 from service.adapters import get_adapter
 from service.batch import Batcher, BatcherConfig
 from service.crop import Normalizer
-from service.engine import FAKE_CARD, FakeEngine
+from service.engines.fake import FAKE_CARD, FakeEngine
 from service.errors import DeadlineExceeded, EngineError, QueueFull
 from service.plan import LevelSpec, PlanConfig, plan
 

@@ -20,7 +20,7 @@ import pytest
 
 from service import crop_gpu
 from service.crop import Normalizer, crop_plan, resize_levels
-from service.engine import FAKE_CARD
+from service.engines.fake import FAKE_CARD
 from service.plan import ChipPlan, Level, LevelSpec, PlanConfig, plan
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from service.crop import Normalizer, crop_plan, resize_levels
-from service.engine import EngineConfig, create_engine
-from service.engine_manifest import BatchProfile, read_manifest, sha256_file
+from service.engines import EngineConfig, create_engine
+from service.engines.manifest import BatchProfile, read_manifest, sha256_file
 from service.errors import ModelLoadError
 from service.plan import ChipPlan, LevelSpec, PlanConfig, plan
 from tests.service import fake_gpu

@@ -244,8 +244,8 @@ def test_operator_docs_table_matches_the_registry() -> None:
 @pytest.mark.parametrize(
     ("argv", "refused"),
     [
-        (["/venv/bin/uvicorn", "service.api:create_app", "--factory", "--workers", "4"], "--workers=4"),
-        (["/venv/bin/uvicorn", "service.api:create_app", "--factory", "--workers=2"], "--workers=2"),
+        (["/venv/bin/uvicorn", "service.http.app:create_app", "--factory", "--workers", "4"], "--workers=4"),
+        (["/venv/bin/uvicorn", "service.http.app:create_app", "--factory", "--workers=2"], "--workers=2"),
         (["/venv/lib/python3.11/site-packages/uvicorn/__main__.py", "app", "--workers", "3"], "--workers=3"),
         (["gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "8", "app"], "-w=8"),
         (["/venv/bin/uvicorn", "app", "--workers", "1"], None),

@@ -236,7 +236,7 @@ def test_configure_logging_is_idempotent() -> None:
 
 @pytest.fixture
 def real_client() -> Iterator[TestClient]:
-    from service.api import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     with TestClient(create_app(Settings(engine="fake", warmup=False, log_json=True))) as client:
@@ -287,7 +287,7 @@ def test_real_app_metrics_route_and_model_info(real_client: TestClient) -> None:
 
 
 def test_real_app_401_before_routing_keeps_route_template_and_request_id() -> None:
-    from service.api import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     settings = Settings(engine="fake", warmup=False, api_key="s3cret")

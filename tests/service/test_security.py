@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 
 from service import security
-from service.api import create_app
+from service.http.app import create_app
 from service.security import ModelPathError, presented_key, resolve_model_path
 from service.settings import Settings
 

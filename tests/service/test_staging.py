@@ -21,8 +21,9 @@ from service import crop_gpu
 from service.adapters import ChipDetections
 from service.batch import Batcher, BatcherConfig
 from service.crop import Normalizer, resize_levels
-from service.engine import FAKE_CARD, EngineConfig, FakeEngine, create_engine
-from service.engine_manifest import BatchProfile
+from service.engines import EngineConfig, create_engine
+from service.engines.fake import FAKE_CARD, FakeEngine
+from service.engines.manifest import BatchProfile
 from service.errors import ModelLoadError
 from service.modelcard import ModelCard
 from service.options import DetectOptions

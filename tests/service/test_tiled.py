@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from service.decode import DecodeConfig, decode_image
-from service.engine import FakeEngine
+from service.engines.fake import FakeEngine
 from service.errors import ImageTooLarge, InvalidOptions
 from service.options import DetectOptions
 from service.pipeline import Pipeline

@@ -1,0 +1,131 @@
+"""``POST /v1/detect``: one image (multipart field ``file`` or the raw body), options in the query or form."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.http.serving import get_state, in_flight, parse_options, pipeline_of, read_image_and_params, run_detection
+from service.render import render_jpeg
+from service.response import coco_results, detection_response
+
+DETECT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "image": {"width": 1920, "height": 1080},
+                        "detections": [
+                            {
+                                "box": [100.5, 200.0, 112.0, 209.5],
+                                "score": 0.91,
+                                "class_id": 0,
+                                "label": "vehicle",
+                                "level": 0,
+                            }
+                        ],
+                        "model": "snipserve-aerial",
+                        "chips": 21,
+                        "timings": {
+                            "decode": 12.1,
+                            "plan": 0.1,
+                            "crop": 3.2,
+                            "queue_wait": 1.0,
+                            "infer": 180.4,
+                            "postprocess": 0.8,
+                            "merge": 1.5,
+                            "total": 199.1,
+                        },
+                    }
+                },
+                "image/jpeg": {},
+            }
+        },
+        "400": {"description": "Not a decodable image"},
+        "413": {"description": "Image over the byte or pixel limit"},
+        "415": {"description": "Unsupported content type or image format"},
+        "422": {"description": "Invalid options"},
+        "503": {"description": "Queue full or not ready (see Retry-After)"},
+        "504": {"description": "Deadline passed"},
+    },
+}
+
+
+def detect_router() -> APIRouter:
+    router = APIRouter(tags=["detect"])
+
+    @router.post(
+        "/v1/detect",
+        summary="Detect objects in one image.",
+        description=(
+            "Send the image as multipart/form-data (field `file`) or as the raw body with an image/* content type. "
+            "Options go in the query string or as form fields. `format=json` (default) returns detections in "
+            "original pixels, `coco` returns COCO results, `jpeg` the image with boxes drawn."
+        ),
+        openapi_extra=DETECT_OPENAPI,
+    )
+    async def detect(
+        request: Request,
+        preset: Annotated[
+            str | None, Query(description="Levels preset from the model card.", examples=["default"])
+        ] = None,
+        levels: Annotated[
+            str | None,
+            Query(description='Explicit levels as JSON, e.g. [{"scale": 2, "valid": [-1, 40]}, {"long_side": 512}]'),
+        ] = None,
+        min_object_size: Annotated[
+            float | None, Query(gt=0, description="Smallest object, sqrt(area) in original px.")
+        ] = None,
+        max_object_size: Annotated[
+            float | None, Query(gt=0, description="Largest object, sqrt(area) in original px.")
+        ] = None,
+        score_threshold: Annotated[
+            float | None, Query(ge=0, le=1, description="Minimum score (default: the model's).")
+        ] = None,
+        classes: Annotated[str | None, Query(description="Comma-separated class names or ids to keep.")] = None,
+        max_detections: Annotated[
+            int | None, Query(ge=1, le=10000, description="At most this many detections.")
+        ] = None,
+        merge: Annotated[str | None, Query(description="Soft-NMS method: gaussian, linear or hard.")] = None,
+        sigma: Annotated[float | None, Query(gt=0, description="Gaussian soft-NMS sigma.")] = None,
+        iou_threshold: Annotated[float | None, Query(ge=0, le=1, description="Nt for linear/hard merge.")] = None,
+        class_agnostic: Annotated[bool | None, Query(description="Merge across classes.")] = None,
+        edge_filter: Annotated[bool | None, Query(description="Drop boxes cut by inner chip edges.")] = None,
+        format: Annotated[str, Query(description="json | coco | jpeg", pattern="^(json|coco|jpeg)$")] = "json",
+        timeout: Annotated[float | None, Query(gt=0, description="Deadline in seconds (at most the server's).")] = None,
+    ) -> Response:
+        t0 = time.perf_counter()
+        state = get_state(request)
+        pipeline = pipeline_of(state)
+        with in_flight(state):
+            data, params = await read_image_and_params(request, state.settings.max_image_bytes)
+            options = parse_options(params, pipeline)
+            image, result = await run_detection(state, data, options, timeout, request)
+        result.timings["total"] = time.perf_counter() - t0
+        if format == "coco":
+            return JSONResponse(coco_results(result, image_id=params.get("image_id", 0)))
+        if format == "jpeg":
+            jpeg = await run_in_threadpool(render_jpeg, image, result, pipeline.card.classes)
+            return Response(jpeg, media_type="image/jpeg")
+        return JSONResponse(detection_response(result, pipeline.card))
+
+    return router

@@ -1,0 +1,299 @@
+"""What every route shares: the serving state, admission (in-flight lanes), body reading, option parsing,
+and the one detection entry point (decode -> pipeline through the shared batcher, within a deadline).
+
+Routes are thin: read the image and options here, call :func:`run_detection`, shape the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from service import metrics
+from service.batch import Batcher, Priority
+from service.decode import decode_image
+from service.engines import Engine
+from service.errors import (
+    BadImage,
+    DeadlineExceeded,
+    ImageTooLarge,
+    InvalidOptions,
+    NotReady,
+    QueueFull,
+    SnipserveError,
+    UnsupportedMediaType,
+)
+from service.options import DetectOptions
+from service.pipeline import Pipeline, Result
+from service.response import detection_response
+from service.settings import Settings
+
+log = logging.getLogger("snipserve.api")
+
+# Options accepted as query parameters or multipart form fields (form fields win).
+OPTION_FIELDS = (
+    "preset", "levels", "min_object_size", "max_object_size", "score_threshold", "classes",
+    "max_detections", "merge", "sigma", "iou_threshold", "class_agnostic", "edge_filter",
+)  # fmt: skip
+
+
+class State:
+    """Everything the lifespan creates; one per app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.pipeline: Pipeline | None = None
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.draining = False  # SIGTERM received: readiness 503, new requests refused, in-flight ones finish
+        self.in_flight = 0  # all detection requests (drain waits for 0)
+        self.in_flight_bulk = 0  # of which streaming/batch (priority "bulk"), limited apart
+
+
+def parse_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:
+    """Options from query/form strings; every error names the field and the bad value."""
+    raw: dict[str, Any] = {}
+    merge: dict[str, Any] = {}
+    for key in OPTION_FIELDS:
+        value = params.get(key)
+        if value is None or value == "":
+            continue
+        if key == "levels":
+            try:
+                raw["levels"] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise InvalidOptions(f"levels must be a JSON list of level objects, got {value!r}: {exc.msg}") from exc
+        elif key == "classes":
+            raw["classes"] = tuple(_class_id(name.strip(), pipeline) for name in value.split(",") if name.strip())
+        elif key == "merge":
+            merge["method"] = value
+        elif key in ("sigma", "iou_threshold", "class_agnostic"):
+            merge[key] = value
+        else:
+            raw[key] = value
+    if merge:
+        raw["merge"] = merge
+    try:
+        return DetectOptions.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidOptions(_validation_message(exc)) from exc
+
+
+def _class_id(token: str, pipeline: Pipeline) -> int:
+    names = pipeline.card.classes
+    if token.isdigit():
+        return int(token)
+    if token in names:
+        return names.index(token)
+    raise InvalidOptions(f"unknown class {token!r}; this model has {list(names)}")
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "options"
+        value = err.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        parts.append(f"{loc}: {err['msg']}{shown}")
+    return "invalid options: " + "; ".join(parts)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) past ``limit`` bytes without reading further."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ImageTooLarge(
+            f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ImageTooLarge(f"request body exceeds the limit of {limit} bytes (SNIPSERVE_MAX_IMAGE_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image_and_params(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:
+    """Image bytes (multipart field ``file`` or the raw body) and the option strings."""
+    params = dict(request.query_params)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            raise ImageTooLarge(
+                f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)"
+            )
+        try:
+            form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
+        except Exception as exc:  # starlette raises MultiPartException / HTTPException on malformed bodies
+            raise BadImage(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise BadImage("multipart body has no file field named 'file'")
+            data = await upload.read(limit + 1)
+            if len(data) > limit:
+                raise ImageTooLarge(f"uploaded file exceeds the limit of {limit} bytes (SNIPSERVE_MAX_IMAGE_BYTES)")
+            params |= {k: v for k, v in form.items() if isinstance(v, str)}
+            return data, params
+        finally:
+            await form.close()  # spooled temporary files
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return await read_limited(request, limit), params
+    raise UnsupportedMediaType(
+        f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data with a 'file' field, "
+        "or the raw image with an image/* content type"
+    )
+
+
+async def cancel_on_disconnect(request: Request, coro: Any, poll_s: float = 0.1) -> Any:
+    """Run ``coro``; if the client disconnects first, cancel it (its queued chips are dropped)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+@contextlib.contextmanager
+def in_flight(state: State, priority: Priority = "interactive") -> Iterator[None]:
+    """Count a detection request in flight; refuse (503) past its lane's limit.
+
+    Interactive requests are limited by ``max_in_flight`` counting only themselves; bulk (streaming, batch)
+    requests by ``bulk_max_in_flight``: a stream with a wide window cannot use up /v1/detect's slots."""
+    if state.draining:
+        raise NotReady("the service is shutting down; retry on another replica", headers={"Retry-After": "1"})
+    bulk = priority == "bulk"
+    count = state.in_flight_bulk if bulk else state.in_flight - state.in_flight_bulk
+    limit = state.settings.bulk_max_in_flight if bulk else state.settings.max_in_flight
+    if count >= limit:
+        name = "SNIPSERVE_BULK_MAX_IN_FLIGHT" if bulk else "SNIPSERVE_MAX_IN_FLIGHT"
+        raise QueueFull(
+            f"{count} {priority} requests in flight, the limit is {limit} ({name})", headers={"Retry-After": "1"}
+        )
+    state.in_flight += 1
+    state.in_flight_bulk += bulk
+    metrics.IN_FLIGHT.set(state.in_flight)
+    try:
+        yield
+    finally:
+        state.in_flight -= 1
+        state.in_flight_bulk -= bulk
+        metrics.IN_FLIGHT.set(state.in_flight)
+
+
+async def run_detection(
+    state: State,
+    data: bytes,
+    options: DetectOptions,
+    timeout: float | None = None,
+    request: Request | None = None,
+    priority: Priority = "interactive",
+) -> tuple[np.ndarray, Result]:
+    """Decode ``data`` and detect, through the shared batcher, within the request's deadline.
+
+    The shared entry point of every route (``/v1/detect``, batch, stream). With ``request``, a client
+    disconnect cancels the work and drops its queued chips. Records stage metrics. Streaming and batch
+    routes pass ``priority="bulk"``: their chips go to the batcher's bulk lane (own budget, served after
+    interactive chips), so they cannot starve ``/v1/detect``.
+    """
+    settings = state.settings
+    pipeline, batcher = pipeline_of(state), batcher_of(state)
+    budget = min(timeout or math.inf, settings.request_timeout_s)
+    deadline = time.monotonic() + budget
+
+    async def run() -> tuple[np.ndarray, Result]:
+        t = time.perf_counter()
+        image = await run_in_threadpool(decode_image, data, settings.decode_config())
+        decode_s = time.perf_counter() - t
+        metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
+        result = await pipeline.detect_async(image, options, batcher, deadline, priority)
+        result.timings["decode"] = decode_s
+        return image, result
+
+    work = run() if request is None else cancel_on_disconnect(request, run())
+    try:
+        image, result = await asyncio.wait_for(work, budget)
+    except TimeoutError:
+        raise DeadlineExceeded(f"request did not finish within its deadline of {budget:g} s") from None
+    metrics.observe_stages(result.timings)
+    metrics.DETECTIONS_PER_IMAGE.observe(len(result.detections))
+    return image, result
+
+
+def get_state(request: Request) -> State:
+    """The app's :class:`State` (for routers defined in other modules)."""
+    state: State = request.app.state.snipserve
+    return state
+
+
+def engine_of(state: State) -> Engine:
+    if state.engine is None:
+        raise NotReady("the model is still loading")
+    return state.engine
+
+
+def pipeline_of(state: State) -> Pipeline:
+    if state.pipeline is None or not state.ready:
+        raise NotReady("the service is not ready yet (model loading or warming up)", headers={"Retry-After": "1"})
+    return state.pipeline
+
+
+def batcher_of(state: State) -> Batcher:
+    if state.batcher is None:
+        raise NotReady("the service is not ready yet", headers={"Retry-After": "1"})
+    return state.batcher
+
+
+def error_body(exc: SnipserveError) -> dict[str, Any]:
+    """``{"status", "code", "message"}`` of a service error."""
+    return {"status": exc.status, "code": exc.code, "message": exc.message}
+
+
+def failure_body(task: asyncio.Task[dict[str, Any]]) -> dict[str, Any]:
+    """The error body of a finished, failed task (unexpected exceptions become a logged 500)."""
+    exc = task.exception()
+    if isinstance(exc, SnipserveError):
+        return error_body(exc)
+    log.error("stream frame failed", exc_info=exc)
+    return {"status": 500, "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def checked_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:
+    """Options parsed and checked against the model (preset, classes) once for the whole stream or batch."""
+    options = parse_options(params, pipeline)
+    pipeline.levels_for(options)
+    pipeline.check_classes(options)
+    return options
+
+
+async def detect_one(state: State, data: bytes, options: DetectOptions, timeout: float | None) -> dict[str, Any]:
+    """One image through the shared batcher (bulk lane) -> the ``/v1/detect`` JSON body (timings in ms)."""
+    t0 = time.perf_counter()
+    pipeline = pipeline_of(state)
+    with in_flight(state, "bulk"):
+        _, result = await run_detection(state, data, options, timeout, priority="bulk")
+    result.timings["total"] = time.perf_counter() - t0
+    return detection_response(result, pipeline.card)

@@ -1,0 +1,82 @@
+"""Engines: graph-side pre-processing (uint8 chips) gives what NumPy normalisation gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.crop import Normalizer, crop_plan, resize_levels
+from service.engines import EngineConfig, engine_on_gpu, warm_up
+from service.engines.fake import FakeEngine
+from service.engines.onnxruntime import OnnxRuntimeEngine
+from service.modelcard import CARD_METADATA_KEY, ModelCard
+from service.options import DetectOptions
+from service.pipeline import Pipeline
+from service.plan import LevelSpec, PlanConfig, plan
+
+SHIPPED = Path(__file__).resolve().parents[3] / "models" / "snipserve_default.onnx"
+
+
+def identity_model(tmp_path: Path, channel_order: str) -> Path:
+    """A model whose output is its (normalised) input, to see exactly what the graph receives."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    card = ModelCard(
+        name="identity",
+        classes=("a",),
+        input_size=32,
+        channel_order=channel_order,  # type: ignore[arg-type]
+        mean=(0.1, 0.2, 0.3),
+        std=(0.5, 0.25, 0.125),
+        output_format="end2end",
+        default_levels=(LevelSpec(scale=1.0),),
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["out"])],
+        "identity",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, 32, 32])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", 3, 32, 32])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model.metadata_props.append(onnx.StringStringEntryProto(key=CARD_METADATA_KEY, value=card.model_dump_json()))
+    path = tmp_path / f"identity_{channel_order}.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_fused_input_equals_numpy_normalisation(tmp_path: Path, order: str) -> None:
+    path = identity_model(tmp_path, order)
+    plain = OnnxRuntimeEngine(path, EngineConfig())
+    fused = OnnxRuntimeEngine(path, EngineConfig(fuse_preprocess=True))
+    assert (plain.input_layout, fused.input_layout) == ("float32_nchw", "uint8_nhwc")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (50, 70, 3), np.uint8)  # chips past the border are padded
+    p = plan((70, 50), PlanConfig(chip_size=32, levels=(LevelSpec(scale=1.0),)))
+    levels = resize_levels(image, p)
+    norm = Normalizer.from_card(plain.card)
+    want = plain.infer(crop_plan(levels, p, norm))[0]
+    got = fused.infer(crop_plan(levels, p, norm, layout="uint8_nhwc"))[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="the shipped default model is not in this checkout")
+def test_fused_shipped_model_gives_the_same_detections() -> None:
+    from models.synth import SynthConfig, generate_image
+
+    image = generate_image(SynthConfig(max_long_side=1300), seed=31337, index=0).decode()
+    a = Pipeline.load(SHIPPED, EngineConfig()).detect(image, DetectOptions(score_threshold=0.3))
+    b = Pipeline.load(SHIPPED, EngineConfig(fuse_preprocess=True)).detect(image, DetectOptions(score_threshold=0.3))
+    assert len(a.scores) > 0 and a.classes.tolist() == b.classes.tolist()
+    np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-2)
+    np.testing.assert_allclose(b.scores, a.scores, atol=1e-4)
+
+
+def test_warm_up_uses_the_engine_layout(tmp_path: Path) -> None:
+    fused = OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), EngineConfig(fuse_preprocess=True, max_batch=4))
+    assert warm_up(fused, (1, 4)) >= 0
+    assert not engine_on_gpu(fused) and not engine_on_gpu(FakeEngine())

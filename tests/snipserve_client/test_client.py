@@ -114,3 +114,11 @@ async def test_async_client_detect_batch_and_stream() -> None:
     assert [len(r.result.detections) for r in replies if r.result] == [1, 2, 3, 1, 2, 3]
     assert [r.type for r in sync_source] == ["result"] * 3
     assert info.value.code == "bad_image"
+
+
+def test_service_client_is_the_same_client() -> None:
+    import service.client
+    import snipserve_client
+
+    assert service.client.Client is snipserve_client.Client
+    assert service.client.AsyncClient is snipserve_client.AsyncClient

@@ -77,8 +77,14 @@ def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def coco_scores(coco_gt_dict: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, Any]:
-    """COCO metrics of ``dets`` (COCO result dicts) plus AP per :data:`SIZE_BINS` bin."""
+def coco_scores(
+    coco_gt_dict: dict[str, Any],
+    dets: list[dict[str, Any]],
+    cat_ids: list[int] | None = None,
+    img_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """COCO metrics of ``dets`` (COCO result dicts) plus AP per :data:`SIZE_BINS` bin; optionally restricted
+    to some categories (per-class AP) or images (per-source AP). Crowd annotations are ignore regions."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -90,6 +96,7 @@ def coco_scores(coco_gt_dict: dict[str, Any], dets: list[dict[str, Any]]) -> dic
             return {**{m: 0.0 for m in METRICS}, "AP_by_size": [0.0] * len(SIZE_BINS), "AR100": 0.0}
         dt = gt.loadRes(dets)
         ev = COCOeval(gt, dt, "bbox")
+        _restrict(ev, cat_ids, img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -98,6 +105,7 @@ def coco_scores(coco_gt_dict: dict[str, Any], dets: list[dict[str, Any]]) -> dic
         ev2 = COCOeval(gt, dt, "bbox")
         ev2.params.areaRng = [[lo * lo, hi * hi] for lo, hi in SIZE_BINS]
         ev2.params.areaRngLbl = [f"{lo:g}-{hi:g}" for lo, hi in SIZE_BINS]
+        _restrict(ev2, cat_ids, img_ids)
         ev2.evaluate()
         ev2.accumulate()
     prec = ev2.eval["precision"]  # [T, R, K, A, M]
@@ -107,6 +115,31 @@ def coco_scores(coco_gt_dict: dict[str, Any], dets: list[dict[str, Any]]) -> dic
         by_size.append(float(p[p > -1].mean()) if (p > -1).any() else float("nan"))
     out["AP_by_size"] = by_size
     return out
+
+
+def _restrict(ev: Any, cat_ids: list[int] | None, img_ids: list[int] | None) -> None:
+    if cat_ids is not None:
+        ev.params.catIds = cat_ids
+    if img_ids is not None:
+        ev.params.imgIds = img_ids
+
+
+def breakdown(coco: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, Any]:
+    """AP per class (all images) and per source (all classes; images carry ``source`` when imported)."""
+    keys = ("AP", "AP50", "AP_S", "AP_M", "AP_L")
+    gt_cats = {a["category_id"] for a in coco["annotations"] if not a.get("iscrowd", 0)}
+    per_class = {
+        c["name"]: {k: round(v, 4) for k, v in coco_scores(coco, dets, cat_ids=[c["id"]]).items() if k in keys}
+        for c in coco["categories"]
+        if c["id"] in gt_cats
+    }
+    sources = sorted({im["source"] for im in coco["images"] if "source" in im})
+    per_source = {}
+    for src in sources:
+        ids = [im["id"] for im in coco["images"] if im.get("source") == src]
+        per_source[src] = {k: round(v, 4) for k, v in coco_scores(coco, dets, img_ids=ids).items() if k in keys}
+        per_source[src]["images"] = len(ids)
+    return {"per_class": per_class, "per_source": per_source}
 
 
 def evaluate(
@@ -172,6 +205,7 @@ def evaluate(
             "chips_per_image": round(chips[m] / max(n, 1), 2),
             "pixels_per_image": int(pixels[m] / max(n, 1)),
             "images_per_second": round(n / max(seconds[m], 1e-9), 3),
+            **breakdown(coco, dets[m]),
         }
     results["images"] = n
     results["data"] = str(data_dir)
@@ -191,6 +225,14 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{r['AP_L']:.3f} | {r['chips_per_image']:.1f} | {r['pixels_per_image'] / 1e6:.2f} | "
             f"{r['images_per_second']:.2f} |"
         )
+    for key, title in (("per_class", "class"), ("per_source", "source")):
+        names = sorted({n for r in results["modes"].values() for n in r.get(key, {})})
+        if not names:
+            continue
+        rows += ["", f"| AP / AP50 by {title} | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for m, r in results["modes"].items():
+            cells = [f"{r[key][n]['AP']:.3f} / {r[key][n]['AP50']:.3f}" if n in r[key] else "—" for n in names]
+            rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -160,7 +160,7 @@ def chip_labels(
     vis = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
     keep = vis > 0
     valid = valid_mask(boxes, level.lo, level.hi)
-    positive = valid & (vis >= cfg.min_visible * np.maximum(area, 1e-9))
+    positive = valid & (classes >= 0) & (vis >= cfg.min_visible * np.maximum(area, 1e-9))  # class -1: ignore
     return ChipLabels(clipped[keep].astype(np.float32), classes[keep].astype(np.int32), positive[keep])
 
 

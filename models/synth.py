@@ -484,13 +484,16 @@ def load_coco(data_dir: Path) -> tuple[dict[str, Any], list[tuple[Path, np.ndarr
     """Read a dataset written by :func:`write_dataset` (or any COCO folder with ``annotations.json``).
 
     Returns the COCO dict and, per image, ``(path, boxes float32 [N,4] xyxy px, classes int32 [N])``.
+    Ignore regions (COCO ``iscrowd: 1``, as ``snipserve data import`` writes them) get class ``-1``: training
+    gives them no loss and never counts a detection on them as a false positive.
     """
     coco = json.loads((data_dir / "annotations.json").read_text())
     cat_index = {c["id"]: i for i, c in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
     per: dict[int, list[tuple[list[float], int]]] = {im["id"]: [] for im in coco["images"]}
     for a in coco["annotations"]:
         x, y, bw, bh = a["bbox"]
-        per[a["image_id"]].append(([x, y, x + bw, y + bh], cat_index[a["category_id"]]))
+        cls = -1 if a.get("iscrowd", 0) else cat_index[a["category_id"]]
+        per[a["image_id"]].append(([x, y, x + bw, y + bh], cls))
     items = []
     for im in coco["images"]:
         anns = per[im["id"]]

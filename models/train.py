@@ -55,14 +55,32 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-class TrainConfig(BaseModel):
-    """One training run (``models/configs/default.yaml``)."""
+class DataSource(BaseModel):
+    """One training dataset of a mixed run (sim-to-real: synthetic + real)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: Path = Field(
-        default=Path("data/train"), description="Training dataset folder (COCO, from `snipserve synth`)."
+    path: Path = Field(description="COCO folder (`snipserve synth` or `snipserve data import` output).")
+    weight: float = Field(default=1.0, gt=0, description="Share of each batch drawn from this source's chips.")
+    max_images: int | None = Field(default=None, ge=1, description="Use only the first N images.")
+    only: list[str] | None = Field(
+        default=None, description="Keep only images whose COCO record has one of these `source` names (imports)."
     )
+
+
+class TrainConfig(BaseModel):
+    """One training run (``models/configs/default.yaml``, ``models/configs/real.yaml``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: Path | list[DataSource] = Field(
+        default=Path("data/train"),
+        description="Training dataset folder (COCO), or several sources with batch weights (mixed training).",
+    )
+    ood_chips: int = Field(
+        default=0, ge=0, description="All-background chips of noise, flat colour and gradients (models/ood.py)."
+    )
+    ood_weight: float = Field(default=0.05, gt=0, description="Batch share of the out-of-distribution chips.")
     out: Path = Field(default=Path("runs/default"), description="Run folder: checkpoints, log, model.pt.")
     max_images: int | None = Field(default=None, ge=1, description="Use only the first N training images.")
     seed: int = Field(default=0, description="Seed of chip sampling, initialisation and batch order.")
@@ -97,6 +115,12 @@ class TrainConfig(BaseModel):
     def from_yaml(cls, path: Path) -> TrainConfig:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
+    def sources(self) -> list[DataSource]:
+        """The datasets of this run (a single folder is one source; ``max_images`` applies to it)."""
+        if isinstance(self.data, Path):
+            return [DataSource(path=self.data, max_images=self.max_images)]
+        return list(self.data)
+
 
 @dataclass
 class ChipPool:
@@ -107,9 +131,16 @@ class ChipPool:
     weight: list[np.ndarray] = field(default_factory=list)  # uint8 [h, w]
     reg: list[np.ndarray] = field(default_factory=list)  # float16 [4, h, w]
     reg_w: list[np.ndarray] = field(default_factory=list)  # float16 [h, w]
-    kinds: list[str] = field(default_factory=list)  # "pos" | "neg"
+    kinds: list[str] = field(default_factory=list)  # "pos" | "neg" | "ood"
+    sources: list[int] = field(default_factory=list)  # index of the DataSource (len(sources) for OOD chips)
 
-    def add(self, chip: np.ndarray, targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
+    def add(
+        self,
+        chip: np.ndarray,
+        targets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        kind: str,
+        source: int = 0,
+    ) -> None:
         heat, weight, reg, reg_w = targets
         self.images.append(chip)
         self.heat.append(heat.astype(np.float16))
@@ -117,6 +148,7 @@ class ChipPool:
         self.reg.append(reg.astype(np.float16))
         self.reg_w.append(reg_w.astype(np.float16))
         self.kinds.append(kind)
+        self.sources.append(source)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,8 +161,25 @@ def _read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+Item = tuple[Path, np.ndarray, np.ndarray]
+
+
+def load_items(cfg: TrainConfig) -> tuple[list[Item], list[int]]:
+    """Every training image of every source, and the source index of each."""
+    items: list[Item] = []
+    source_of: list[int] = []
+    for k, src in enumerate(cfg.sources()):
+        coco, its = load_coco(src.path)
+        if src.only is not None:
+            its = [it for im, it in zip(coco["images"], its, strict=True) if im.get("source") in src.only]
+        its = its[: src.max_images] if src.max_images is not None else its
+        items += its
+        source_of += [k] * len(its)
+    return items, source_of
+
+
 def build_positive_pool(
-    items: list[tuple[Path, np.ndarray, np.ndarray]], cfg: TrainConfig, progress: bool = True
+    items: list[Item], cfg: TrainConfig, progress: bool = True, source_of: list[int] | None = None
 ) -> tuple[ChipPool, list[list[np.ndarray]]]:
     """Positive chips of every image; also returns each image's positive corners per level (for mining)."""
     rng = np.random.default_rng([cfg.seed, 1])
@@ -142,9 +191,10 @@ def build_positive_pool(
 
         it = tqdm(items, desc="positive chips", unit="img")
     sc = cfg.sampler
-    for path, boxes, classes in it:
+    for i, (path, boxes, classes) in enumerate(it):
         img = _read_rgb(path)
-        per_level = positive_chips((img.shape[1], img.shape[0]), boxes, sc, rng)
+        # ignore regions (class -1) need no chip of their own
+        per_level = positive_chips((img.shape[1], img.shape[0]), boxes[classes >= 0], sc, rng)
         corners_all.append([c for _, c in per_level])
         for lv, corners in per_level:
             if corners.shape[0] == 0:
@@ -153,8 +203,48 @@ def build_positive_pool(
             for x0, y0 in corners.tolist():
                 chip, _, _ = crop_chip(limg, x0, y0, sc.chip_size)
                 labels = chip_labels(lv, x0, y0, boxes, classes, sc)
-                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "pos")
+                src = source_of[i] if source_of is not None else 0
+                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "pos", src)
     return pool, corners_all
+
+
+def add_ood_chips(pool: ChipPool, cfg: TrainConfig) -> None:
+    """``cfg.ood_chips`` all-background chips (noise, flat, gradients: :mod:`models.ood`), as their own source."""
+    from models.ood import ood_chips
+
+    c, n = cfg.sampler.chip_size, cfg.sampler.chip_size // STRIDE
+    empty = (
+        np.zeros((cfg.net.num_classes, n, n), np.float32),
+        np.ones((n, n), np.float32),
+        np.zeros((4, n, n), np.float32),
+        np.zeros((n, n), np.float32),
+    )
+    for chip in ood_chips(cfg.ood_chips, c, cfg.seed):
+        pool.add(chip, empty, "ood", len(cfg.sources()))
+
+
+class BatchSampler:
+    """Chip indices per batch: each chip's source drawn by the sources' weights, then the next chip of that
+    source's own shuffled order (a single source reduces to plain shuffled epochs)."""
+
+    def __init__(self, pool: ChipPool, weights: list[float], rng: np.random.Generator) -> None:
+        src = np.asarray(pool.sources)
+        self.members = [np.flatnonzero(src == k) for k in range(len(weights))]
+        w = np.array([wt if m.size else 0.0 for wt, m in zip(weights, self.members, strict=True)])
+        self.p = w / w.sum()
+        self.rng = rng
+        self.order = [rng.permutation(m) for m in self.members]
+        self.cursor = [0] * len(weights)
+
+    def next(self, batch: int) -> np.ndarray:
+        picks = self.rng.choice(len(self.p), size=batch, p=self.p)
+        out = np.empty(batch, np.int64)
+        for j, k in enumerate(picks.tolist()):
+            if self.cursor[k] >= self.order[k].size:
+                self.order[k], self.cursor[k] = self.rng.permutation(self.members[k]), 0
+            out[j] = self.order[k][self.cursor[k]]
+            self.cursor[k] += 1
+        return out
 
 
 def normalise(chips: np.ndarray) -> torch.Tensor:
@@ -181,16 +271,21 @@ def predict_chips(net: TinyDet, chips: np.ndarray, batch: int = 32) -> tuple[np.
 
 def mine_negatives(
     net: TinyDet,
-    items: list[tuple[Path, np.ndarray, np.ndarray]],
+    items: list[Item],
     corners_all: list[list[np.ndarray]],
     cfg: TrainConfig,
     pool: ChipPool,
     progress: bool = True,
+    source_of: list[int] | None = None,
 ) -> list[tuple[int, int, int, int]]:
-    """Add negative chips to ``pool``; returns ``(image index, level index, x0, y0)`` of each."""
+    """Add negative chips to ``pool``; returns ``(image index, level index, x0, y0)`` of each.
+
+    ``mining_images`` images are scanned from each source (all of a smaller one)."""
     sc = cfg.sampler
     rng = np.random.default_rng([cfg.seed, 2])
-    chosen = rng.choice(len(items), size=min(cfg.mining_images, len(items)), replace=False)
+    src = np.asarray(source_of if source_of is not None else [0] * len(items))
+    members = [np.flatnonzero(src == k) for k in np.unique(src)]
+    chosen = np.concatenate([rng.choice(m, size=min(cfg.mining_images, m.size), replace=False) for m in members])
     it: Any = sorted(chosen.tolist())
     if progress:
         from tqdm import tqdm
@@ -214,7 +309,7 @@ def mine_negatives(
             for x0, y0 in negative_chips(lv, d, boxes, corners_all[i][lv.index], sc).tolist():
                 chip, _, _ = crop_chip(limgs[lv.index], x0, y0, sc.chip_size)
                 labels = chip_labels(lv, x0, y0, boxes, classes, sc)
-                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg")
+                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg", int(src[i]))
                 found.append((i, lv.index, x0, y0))
     return found
 
@@ -344,9 +439,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    _, items = load_coco(cfg.data)
-    if cfg.max_images is not None:
-        items = items[: cfg.max_images]
+    items, source_of = load_items(cfg)
     sc = cfg.sampler
     net = TinyDet(cfg.net)
     previous: dict[str, Any] = {}
@@ -359,7 +452,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     step, elapsed, negatives = 0, 0.0, []
     rng = np.random.default_rng([cfg.seed, 3])
     t_pool = time.perf_counter()
-    pool, corners_all = build_positive_pool(items, cfg, progress)
+    pool, corners_all = build_positive_pool(items, cfg, progress, source_of)
+    add_ood_chips(pool, cfg)
     pool_seconds = time.perf_counter() - t_pool
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
@@ -368,7 +462,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         step, elapsed, negatives = ck["step"], ck["elapsed"], ck["negatives"]
         rng.bit_generator.state = ck["rng"]
         torch.set_rng_state(ck["torch_rng"])
-        _re_add_negatives(items, negatives, cfg, pool)
+        _re_add_negatives(items, negatives, cfg, pool, source_of)
         print(f"resumed from {ckpt_path} at step {step} ({len(negatives)} negative chips)")
     print(f"{len(items)} images, {len(pool)} chips; levels: {describe_levels(sc.levels)}; chip {sc.chip_size}")
     log = (cfg.out / "log.jsonl").open("a")
@@ -377,21 +471,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
-    order = rng.permutation(len(pool))
-    cursor = 0
+    weights = [s.weight for s in cfg.sources()] + [cfg.ood_weight]
+    sampler = BatchSampler(pool, weights, rng)
     t_last = time.perf_counter()
     mined = bool(negatives) or cfg.mining_step == 0
     while progress_at(step, elapsed + time.perf_counter() - t_last, cfg) < 1.0:
         if not mined and step >= cfg.mining_step:
             t0 = time.perf_counter()
-            negatives = mine_negatives(net, items, corners_all, cfg, pool, progress)
+            negatives = mine_negatives(net, items, corners_all, cfg, pool, progress, source_of)
             print(f"mined {len(negatives)} negative chips in {time.perf_counter() - t0:.0f}s; pool {len(pool)}")
-            mined, order, cursor = True, rng.permutation(len(pool)), 0
+            mined, sampler = True, BatchSampler(pool, weights, rng)
             _save(ckpt_path, net, opt, step, elapsed + time.perf_counter() - t_last, negatives, rng)
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = rng.permutation(len(pool)), 0
-        idx = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
+        idx = sampler.next(cfg.batch_size)
         batch = make_batch(pool, idx, rng, sc.chip_size)
         lr = lr_at(step, cfg, elapsed + time.perf_counter() - t_last)
         for g in opt.param_groups:
@@ -449,6 +540,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     {"steps": step, "train_seconds": round(elapsed, 1), "init_from": _str_or_none(cfg.init_from)},
                 ],
                 "images": len(items),
+                "sources": [
+                    {"path": str(s.path), "weight": s.weight, "images": source_of.count(k)}
+                    for k, s in enumerate(cfg.sources())
+                ],
+                "ood_chips": cfg.ood_chips,
                 "positive_chips": sum(k == "pos" for k in pool.kinds),
                 "negative_chips": len(negatives),
                 "train_seconds": round(elapsed + float(previous.get("train_seconds", 0.0)), 1),
@@ -472,10 +568,11 @@ def _str_or_none(path: Path | None) -> str | None:
 
 
 def _re_add_negatives(
-    items: list[tuple[Path, np.ndarray, np.ndarray]],
+    items: list[Item],
     negatives: list[tuple[int, int, int, int]],
     cfg: TrainConfig,
     pool: ChipPool,
+    source_of: list[int],
 ) -> None:
     """Rebuild negative chips recorded in a checkpoint (their pixels are not stored)."""
     from models.sniper import levels_for
@@ -492,7 +589,7 @@ def _re_add_negatives(
             lv = levels[lvl]
             chip, _, _ = crop_chip(resize_level(img, lv), x0, y0, sc.chip_size)
             labels = chip_labels(lv, x0, y0, boxes, classes, sc)
-            pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg")
+            pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg", source_of[i])
 
 
 def _save(

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("service.cli.detect", "detect objects in images (in-process, or against --url)"),
     "stream": ("service.cli.stream", "stream a directory or video to a running service"),
     "synth": ("models.synth_cli", "generate the synthetic aerial dataset"),
+    "data": ("models.data_cli", "import real labelled datasets (YOLO, DOTA, COCO, VOC) into the COCO layout"),
     "train": ("models.train_cli", "train a detector with SNIPER chip sampling"),
     "eval": ("models.eval_cli", "evaluate single|slices|pyramid inference with COCO metrics"),
     "export": ("exporters.cli", "export a trained model: onnx | tensorrt"),

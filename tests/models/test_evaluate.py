@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluate import EvalConfig, coco_scores, markdown_table, mode_options, recall_at_iou, write_reports
+from models.evaluate import (
+    EvalConfig,
+    breakdown,
+    coco_scores,
+    markdown_table,
+    mode_options,
+    recall_at_iou,
+    write_reports,
+)
 from models.synth import SynthConfig, coco_dict, generate_image, write_dataset
 from service.plan import LevelSpec
 
@@ -46,6 +54,32 @@ def test_coco_scores_perfect_and_empty() -> None:
     assert coco_scores(gt, [])["AP"] == 0.0
 
 
+def test_breakdown_per_class_and_source_with_ignore_regions() -> None:
+    pytest.importorskip("pycocotools", reason="needs the train extra (pycocotools)")
+    gt = {
+        "images": [{"id": 1, "source": "a", "width": 100, "height": 100}, {"id": 2, "source": "b", "width": 100,
+                   "height": 100}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 30, 30], "area": 900, "iscrowd": 1},
+        ],
+        "categories": [{"id": 1, "name": "vehicle"}, {"id": 2, "name": "boat"}, {"id": 3, "name": "aircraft"}],
+    }
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+        {"image_id": 2, "category_id": 2, "bbox": [5, 5, 10, 10], "score": 0.8},  # on the ignore region only
+    ]
+    out = breakdown(gt, dets)
+    assert set(out["per_class"]) == {"vehicle", "boat"}  # aircraft has no ground truth
+    assert out["per_class"]["vehicle"]["AP"] == pytest.approx(1.0) and out["per_class"]["boat"]["AP"] == 0.0
+    assert out["per_source"]["a"]["AP50"] == pytest.approx(1.0) and out["per_source"]["b"]["AP50"] == 0.0
+    assert out["per_source"]["b"]["images"] == 1
+    # the detection inside the crowd region is no false positive: adding the missed boat makes source b perfect
+    dets.append({"image_id": 2, "category_id": 2, "bbox": [50, 50, 20, 20], "score": 0.7})
+    assert breakdown(gt, dets)["per_source"]["b"]["AP"] == pytest.approx(1.0)
+
+
 def test_recall_at_iou() -> None:
     gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
     det = np.array([[1, 1, 10, 10], [20, 20, 30, 30]], np.float32)
@@ -70,7 +104,9 @@ def test_eval_end_to_end_with_shipped_model(tmp_path: Path) -> None:
         for k in ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "chips_per_image", "images_per_second"):
             assert isinstance(r[k], float | int) and r[k] >= 0
     assert res["modes"]["single"]["chips_per_image"] == 1
-    assert (tmp_path / "r" / "eval.md").read_text().count("\n") == 5
+    assert set(res["modes"]["pyramid"]["per_class"]) <= {"vehicle", "boat", "aircraft"}
+    assert res["modes"]["pyramid"]["per_source"] == {}  # synthetic images carry no source
+    assert (tmp_path / "r" / "eval.md").read_text().count("\n") == 5 + 6  # modes + per-class table
     assert (tmp_path / "r" / "eval_ap_by_size.png").stat().st_size > 1000
     assert markdown_table(res).startswith("| mode |")
     assert len(write_reports(res, None, tmp_path / "again")) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch)")
@@ -72,3 +73,52 @@ def test_second_stage_from_weights(dataset: Path, tmp_path: Path) -> None:
     t = meta["training"]
     assert t["steps"] == 10 and [s["steps"] for s in t["stages"]] == [6, 4]
     assert t["train_seconds"] >= t["stages"][1]["train_seconds"]
+
+
+def test_mixed_sources_ood_chips_and_ignore_regions(dataset: Path, tmp_path: Path) -> None:
+    """Two sources with batch weights + OOD chips; an ignore region (iscrowd) gets no chip and no loss."""
+    from models.train import BatchSampler, DataSource, add_ood_chips, build_positive_pool, load_items
+
+    coco = json.loads((dataset / "annotations.json").read_text())
+    crowd = tmp_path / "crowd"
+    crowd.mkdir()
+    (crowd / "images").symlink_to(dataset / "images")
+    for a in coco["annotations"]:
+        a["iscrowd"] = 1  # every box of this copy is an ignore region
+    (crowd / "annotations.json").write_text(json.dumps(coco))
+    cfg = tiny_config(dataset, tmp_path / "run", steps=4).model_copy(
+        update={
+            "data": [DataSource(path=dataset, weight=3.0), DataSource(path=crowd, weight=1.0, max_images=1)],
+            "ood_chips": 20,
+            "ood_weight": 1.0,
+        }
+    )
+    items, source_of = load_items(cfg)
+    assert source_of == [0, 0, 0, 1] and set(items[3][2].tolist()) == {-1}
+    pool, _ = build_positive_pool(items, cfg, progress=False, source_of=source_of)
+    assert set(pool.sources) == {0}  # the all-ignore image needs no positive chip
+    add_ood_chips(pool, cfg)
+    ood = [i for i, k in enumerate(pool.kinds) if k == "ood"]
+    assert len(ood) == 20 and {pool.sources[i] for i in ood} == {2}
+    assert all(float(pool.heat[i].max()) == 0.0 and float(pool.weight[i].min()) == 1.0 for i in ood)
+    sampler = BatchSampler(pool, [3.0, 1.0, 1.0], np.random.default_rng(0))
+    drawn = np.asarray(pool.sources)[np.concatenate([sampler.next(16) for _ in range(200)])]
+    share = np.bincount(drawn, minlength=3) / drawn.size
+    # source 1 has no chips, so its weight is dropped: 3/4 real, 1/4 OOD
+    assert share[1] == 0 and abs(share[0] - 0.75) < 0.03 and abs(share[2] - 0.25) < 0.03
+    _, meta = load_trained(train(cfg, progress=False))
+    assert [s["images"] for s in meta["training"]["sources"]] == [3, 1] and meta["training"]["ood_chips"] == 20
+
+
+def test_ood_images_cover_every_kind() -> None:
+    from models.ood import KINDS, ood_chips, ood_image
+
+    rng = np.random.default_rng(0)
+    for kind in KINDS:
+        img = ood_image(kind, 64, 48, rng)
+        assert img.shape == (48, 64, 3) and img.dtype == np.uint8
+    chips = ood_chips(len(KINDS) * 2, 32, seed=1)
+    assert chips.shape == (20, 32, 32, 3)
+    np.testing.assert_array_equal(chips, ood_chips(len(KINDS) * 2, 32, seed=1))  # deterministic
+    with pytest.raises(ValueError, match="unknown kind"):
+        ood_image("plaid", 8, 8, rng)

@@ -15,7 +15,7 @@ MergeMethod = Literal["gaussian", "linear", "hard"]
 class MergeConfig(BaseModel):
     """How detections from all chips and levels are merged (soft-NMS, DESIGN.md)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     method: MergeMethod = Field(default="gaussian", description="Soft-NMS decay: gaussian, linear, or hard (= NMS).")
     sigma: float = Field(default=0.5, gt=0, le=10, description="Gaussian decay width: f = exp(-IoU^2 / sigma).")
@@ -26,7 +26,7 @@ class MergeConfig(BaseModel):
 class DetectOptions(BaseModel):
     """Options of one detection call; every field has a default."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     preset: str = Field(default="default", description="Levels preset from the model card.")
     levels: tuple[LevelSpec, ...] | None = Field(default=None, description="Explicit levels (overrides preset).")

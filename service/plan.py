@@ -23,17 +23,23 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INF = math.inf
+MAX_SIDE = 1 << 20  # level sides in pixels; real limits come from max_chips, checked arithmetically in plan()
 
 
 class LevelSpec(BaseModel):
     """How to size one pyramid level; exactly one sizing rule (scale, or short/long side)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     scale: float | None = Field(default=None, gt=0, le=8, description="Fixed scale factor (level px / original px).")
-    short_side: int | None = Field(default=None, ge=8, description="Resize so the short side is this many pixels.")
+    short_side: int | None = Field(
+        default=None, ge=8, le=MAX_SIDE, description="Resize so the short side is this many pixels."
+    )
     long_side: int | None = Field(
-        default=None, ge=8, description="Upper bound on the long side (alone: resize the long side to this)."
+        default=None,
+        ge=8,
+        le=MAX_SIDE,
+        description="Upper bound on the long side (alone: resize the long side to this).",
     )
     valid: tuple[float, float | None] | None = Field(
         default=None,
@@ -178,6 +184,11 @@ def resolve_levels(
     return tuple(levels)
 
 
+def tile_count(length: int, chip: int, overlap: int) -> int:
+    """How many chips :func:`tile_positions` places along an axis, without placing them."""
+    return 1 if length <= chip else math.ceil((length - chip) / (chip - overlap)) + 1
+
+
 def tile_positions(length: int, chip: int, overlap: int) -> np.ndarray:
     """Chip start offsets (int32) along one axis of ``length`` pixels.
 
@@ -186,8 +197,7 @@ def tile_positions(length: int, chip: int, overlap: int) -> np.ndarray:
     """
     if length <= chip:
         return np.zeros(1, dtype=np.int32)
-    stride = chip - overlap
-    n = math.ceil((length - chip) / stride) + 1
+    n = tile_count(length, chip, overlap)
     # floor keeps every gap <= stride, so every overlap >= ``overlap``.
     return np.floor(np.linspace(0, length - chip, n)).astype(np.int32)
 
@@ -203,6 +213,12 @@ def plan(image_size: tuple[int, int], config: PlanConfig) -> ChipPlan:
         config.edge_margin,
     )
     c = config.chip_size
+    # Counted before anything is allocated: a hostile level (a huge long_side) costs arithmetic, not memory.
+    count = sum(tile_count(lv.width, c, lv.overlap) * tile_count(lv.height, c, lv.overlap) for lv in levels)
+    if count > config.max_chips:
+        raise PlanError(
+            f"plan needs {count} chips, more than the limit of {config.max_chips}; use fewer or coarser levels"
+        )
     parts = []
     for lv in levels:
         xs = tile_positions(lv.width, c, lv.overlap)
@@ -211,10 +227,6 @@ def plan(image_size: tuple[int, int], config: PlanConfig) -> ChipPlan:
         k = gx.size
         parts.append(np.stack([np.full(k, lv.index, np.int32), gx.ravel(), gy.ravel()], axis=1))
     chips = np.concatenate(parts).astype(np.int32)
-    if chips.shape[0] > config.max_chips:
-        raise PlanError(
-            f"plan needs {chips.shape[0]} chips, more than the limit of {config.max_chips}; use fewer or coarser levels"
-        )
     return ChipPlan(image_size=image_size, chip_size=c, levels=levels, chips=chips, edge_margin=config.edge_margin)
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,14 +38,9 @@ from service.options import DetectOptions
 from service.pipeline import Pipeline, Result
 from service.response import detection_response
 from service.settings import Settings
+from snipserve_client.options import MAX_JSON_DEPTH, MAX_LEVELS, MAX_LEVELS_JSON, OPTION_NAMES, RequestOptions
 
 log = logging.getLogger("snipserve.api")
-
-# Options accepted as query parameters or multipart form fields (form fields win).
-OPTION_FIELDS = (
-    "preset", "levels", "min_object_size", "max_object_size", "score_threshold", "classes",
-    "max_detections", "merge", "sigma", "iou_threshold", "class_agnostic", "edge_filter",
-)  # fmt: skip
 
 
 class State:
@@ -63,41 +58,116 @@ class State:
 
 
 def parse_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:
-    """Options from query/form strings; every error names the field and the bad value."""
-    raw: dict[str, Any] = {}
-    merge: dict[str, Any] = {}
-    for key in OPTION_FIELDS:
-        value = params.get(key)
-        if value is None or value == "":
-            continue
-        if key == "levels":
-            try:
-                raw["levels"] = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise InvalidOptions(f"levels must be a JSON list of level objects, got {value!r}: {exc.msg}") from exc
-        elif key == "classes":
-            raw["classes"] = tuple(_class_id(name.strip(), pipeline) for name in value.split(",") if name.strip())
-        elif key == "merge":
-            merge["method"] = value
-        elif key in ("sigma", "iou_threshold", "class_agnostic"):
-            merge[key] = value
-        else:
-            raw[key] = value
-    if merge:
-        raw["merge"] = merge
+    """Options from query/form strings (:class:`RequestOptions`), resolved against the model's classes.
+
+    Every error is a 422 naming the option and the (shortened) bad value. Each step is bounded by the size
+    limits of :mod:`snipserve_client.options`, so a hostile option costs microseconds on the event loop."""
+    return detect_options(request_options(params), pipeline.card.classes)
+
+
+def request_options(params: Mapping[str, str]) -> RequestOptions:
+    """The option strings of a request, validated as sent (types, ranges, lengths)."""
+    raw = {k: params[k] for k in OPTION_NAMES if params.get(k) not in (None, "")}
     try:
-        return DetectOptions.model_validate(raw)
+        return RequestOptions.model_validate(raw)
     except ValidationError as exc:
         raise InvalidOptions(_validation_message(exc)) from exc
 
 
-def _class_id(token: str, pipeline: Pipeline) -> int:
-    names = pipeline.card.classes
-    if token.isdigit():
-        return int(token)
-    if token in names:
-        return names.index(token)
-    raise InvalidOptions(f"unknown class {token!r}; this model has {list(names)}")
+def detect_options(request: RequestOptions, class_names: Sequence[str]) -> DetectOptions:
+    """The stages' :class:`DetectOptions` from the request's: ``levels`` JSON parsed, class names resolved."""
+    given = request.model_dump(exclude_none=True)
+    merge: dict[str, Any] = {
+        k: given.pop(k) for k in ("merge", "sigma", "iou_threshold", "class_agnostic") if k in given
+    }
+    if "merge" in merge:
+        merge["method"] = merge.pop("merge")
+    if merge:
+        given["merge"] = merge
+    if request.levels is not None:
+        given["levels"] = parse_levels(request.levels)
+    if request.classes is not None:
+        given["classes"] = parse_classes(request.classes, class_names)
+    try:
+        return DetectOptions.model_validate(given)
+    except ValidationError as exc:
+        raise InvalidOptions(_validation_message(exc)) from exc
+
+
+def parse_levels(text: str) -> list[dict[str, Any]]:
+    """``levels`` JSON -> a list of at most ``MAX_LEVELS`` objects; NaN, infinities, huge integers and deep
+    nesting are refused before (depth) or while (numbers) the JSON parser runs."""
+    if len(text) > MAX_LEVELS_JSON:
+        raise InvalidOptions(f"levels is {len(text)} characters of JSON, above the limit of {MAX_LEVELS_JSON}")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidOptions(f"levels JSON is nested {depth} deep, above the limit of {MAX_JSON_DEPTH}")
+    try:
+        value = json.loads(text, parse_constant=_json_constant, parse_int=_json_int, parse_float=_json_float)
+    except json.JSONDecodeError as exc:
+        raise InvalidOptions(f"levels must be a JSON list of level objects, got {shorten(text)}: {exc.msg}") from exc
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise InvalidOptions(f"levels must be a JSON list of level objects, got {shorten(text)}")
+    if not 1 <= len(value) <= MAX_LEVELS:
+        raise InvalidOptions(f"levels has {len(value)} entries; give 1 to {MAX_LEVELS}")
+    return value
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of ``[``/``{`` in JSON ``text`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _json_constant(name: str) -> float:
+    raise InvalidOptions(f"levels: {name} is not a number the service accepts (finite numbers only)")
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > 9:
+        raise InvalidOptions(f"levels: integer {shorten(text)} has {len(text)} digits, at most 9 are accepted")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or len(text) > 32:
+        raise InvalidOptions(f"levels: number {shorten(text)} is out of range (finite, at most 32 characters)")
+    return value
+
+
+def parse_classes(text: str, class_names: Sequence[str]) -> tuple[int, ...]:
+    """Comma-separated class names or ids (ASCII digits) -> class ids; unknown names are a 422."""
+    ids = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if token.isascii() and token.isdigit():
+            if len(token) > 6:
+                raise InvalidOptions(f"classes: id {shorten(token)} is not a class of this model")
+            ids.append(int(token))
+        elif token in class_names:
+            ids.append(class_names.index(token))
+        else:
+            raise InvalidOptions(f"unknown class {shorten(token)}; this model has {list(class_names)}")
+    return tuple(ids)
+
+
+def shorten(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (error messages never echo a huge input)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]} ({len(text)} characters)"
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -105,9 +175,9 @@ def _validation_message(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "options"
         value = err.get("input")
-        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        shown = f" (got {shorten(value)})" if not isinstance(value, dict | list) else ""
         parts.append(f"{loc}: {err['msg']}{shown}")
-    return "invalid options: " + "; ".join(parts)
+    return "invalid options: " + "; ".join(parts[:8])
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

@@ -83,7 +83,7 @@ def test_coco_and_jpeg_formats(client: TestClient, png: bytes) -> None:
         ("?classes=7", 422, "unknown class ids [7]"),
         ("?min_object_size=50&max_object_size=10", 422, "must be below"),
         ("?score_threshold=2", 422, "score_threshold"),
-        ("?merge=fancy", 422, "merge.method"),
+        ("?merge=fancy", 422, "merge: Input should be"),
         ("?format=gif", 422, "format"),
         ('?levels=[{"scale":0.01}]&max_detections=5', 200, ""),
     ],

@@ -134,7 +134,7 @@ BAD_OPTIONS: dict[str, tuple[dict[str, str], str]] = {
     "levels-negative-scale": ({"levels": '[{"scale": -1}]'}, "levels.0.scale"),
     "levels-wrong-shape": ({"levels": '{"scale": 1}'}, "levels"),
     "unknown-class": ({"classes": "zebra"}, "unknown class 'zebra'"),
-    "unknown-merge": ({"merge": "fancy"}, "merge.method"),
+    "unknown-merge": ({"merge": "fancy"}, "merge: Input should be"),
     "min-above-max": ({"min_object_size": "50", "max_object_size": "10"}, "must be below"),
     "unknown-preset": ({"preset": "nope"}, "unknown levels preset 'nope'"),
     "unknown-format": ({"format": "gif"}, "format"),

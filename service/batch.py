@@ -286,7 +286,7 @@ class Batcher:
                 buffer = self.staging.new_buffer(self.max_batch)
             reason = "timed out" if isinstance(exc, TimeoutError) else f"failed: {type(exc).__name__}: {exc}"
             log.error("engine call on %d chips %s", rows, reason)
-            err = EngineError(f"inference {reason}")
+            err = EngineError(f"inference {'timed out' if isinstance(exc, TimeoutError) else 'failed'}")  # no exc text
             for s in slices:
                 if not s.work.future.done():
                     s.work.future.set_exception(err)

@@ -137,6 +137,7 @@ class _Header:
     raw: bool  # decode at native depth/channels and normalise here (TIFF, >8-bit PNG)
     samples: int = 0  # TIFF: samples per pixel (0 = not read)
     orientation_at: tuple[int, str] | None = None  # TIFF: file offset and byte order of the tag value
+    tifffile: bool = False  # TIFF: decode with tifffile (planar-separate or float16 pages)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +223,9 @@ def _probe(data: bytes, config: DecodeConfig) -> _Header:
         n_bytes=n,
     )
     if fmt == "TIFF":
-        return _Header(info, (w, h), raw=True, samples=tiff.samples, orientation_at=tiff.orientation_at)
+        _check_tiff_samples(tiff)
+        use_tifffile = tiff.planar or (tiff.sample_format == 3 and tiff.bits == 16)
+        return _Header(info, (w, h), True, tiff.samples, tiff.orientation_at, tifffile=use_tifffile)
     return _Header(info, (w, h), raw=depth > 8)
 
 
@@ -348,6 +351,8 @@ class _TiffHeader:
     bits: int
     samples: int
     orientation_at: tuple[int, str] | None
+    planar: bool = False  # PlanarConfiguration 2: one plane per sample
+    sample_format: int = 1  # 1 uint, 2 int, 3 float, 5/6 complex
 
 
 def _tiff_header(data: bytes) -> _TiffHeader:
@@ -362,6 +367,19 @@ def _tiff_header(data: bytes) -> _TiffHeader:
             bits=int(page.bitspersample),
             samples=int(page.samplesperpixel),
             orientation_at=(int(tag.valueoffset), tif.byteorder) if inline and tag is not None else None,
+            planar=int(page.planarconfig) == 2,
+            sample_format=int(page.sampleformat),
+        )
+
+
+def _check_tiff_samples(tiff: _TiffHeader) -> None:
+    """415 for pages no conversion rule covers: complex samples, or more than 4 samples per pixel."""
+    if tiff.sample_format in (5, 6):
+        raise UnsupportedMediaType("TIFF images with complex-valued samples are not supported")
+    if tiff.samples > 4:
+        raise UnsupportedMediaType(
+            f"TIFF images with {tiff.samples} samples per pixel are not supported (1 to 4: gray, gray + alpha, "
+            "RGB, RGBA); export the bands to show as RGB"
         )
 
 
@@ -464,6 +482,8 @@ def _decode_tiff(data: bytes, header: _Header) -> NDArray[np.uint8]:
     unassociated alpha as stored; OpenCV's libtiff RGBA path premultiplies it); OpenCV decodes
     multi-channel pages deeper than 8 bits, which Pillow truncates (16-bit RGB) or cannot open (float RGB).
     """
+    if header.tifffile:
+        return _decode_with_tifffile(data)
     if header.orientation_at is not None and header.info.orientation != 1:
         offset, byteorder = header.orientation_at
         upright = bytearray(data)
@@ -479,6 +499,17 @@ def _decode_tiff(data: bytes, header: _Header) -> NDArray[np.uint8]:
             return array
     array = _decode_with_opencv(data, header)
     return array if array is not None else _decode_with_pillow(data, "TIFF")
+
+
+def _decode_with_tifffile(data: bytes) -> NDArray[np.uint8]:
+    """The first page with tifffile (planar-separate and float16 pages, which Pillow and OpenCV refuse or misread):
+    samples moved last, then the usual conversion rules. tifffile never applies the Orientation tag."""
+    with _mapped_errors("TIFF", "decode"), tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages.first
+        array, axes = page.asarray(), page.axes
+    if array.ndim == 3 and axes.startswith("S"):
+        array = np.moveaxis(array, 0, -1)  # [S, H, W] -> [H, W, S]
+    return _normalise(array, bgr=False)
 
 
 def _decode_with_pillow(data: bytes, fmt: str) -> NDArray[np.uint8]:

@@ -295,6 +295,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (newlines included) written as ``\\xNN`` / ``\\uNNNN`` escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 class PlainFormatter(logging.Formatter):
     """``ts level logger [request_id] message key=value ...`` for humans at a terminal."""
 
@@ -304,10 +312,15 @@ class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "request_id", None) is None:
             record.request_id = "-"
-        line = super().format(record)
+        msg, args = record.msg, record.args
+        record.msg, record.args = escape_control(record.getMessage()), None  # a %0a in a path forges no line
+        try:
+            line = super().format(record)
+        finally:
+            record.msg, record.args = msg, args
         fields = _fields(record)
         if fields:
-            extras = " ".join(f"{k}={v}" for k, v in fields.items())
+            extras = " ".join(f"{k}={escape_control(str(v))}" for k, v in fields.items())
             head, sep, tail = line.partition("\n")  # keep key=value on the first line, traceback after
             line = f"{head} {extras}{sep}{tail}"
         return line

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic import SecretStr
@@ -112,6 +113,31 @@ def install(app: FastAPI, api_key: SecretStr | None, cors_origins: tuple[str, ..
         )
     if api_key is not None and api_key.get_secret_value():
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(SecurityHeadersMiddleware)  # outside the key check: its 401s carry the headers too
+
+
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = ((b"x-content-type-options", b"nosniff"),)
+
+
+class SecurityHeadersMiddleware:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP response (browsers never sniff a JSON error into HTML)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in SECURITY_HEADERS if k not in names]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class ModelPathError(ValueError):

@@ -6,18 +6,25 @@ Never built at import time; tests build ``Settings(...)`` directly or clear the 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batch import BatcherConfig
 from service.decode import DecodeConfig
 from service.engines import EngineConfig, Provider
+from service.http.transport import TransportConfig
 from service.security import resolve_model_path
+
+
+def from_config(config: type[BaseModel], name: str) -> Any:
+    """Field ``name`` of a stage's config as a settings field: same default, bounds and description (declared once)."""
+    return copy.deepcopy(config.model_fields[name])
 
 
 def default_model_path() -> Path:
@@ -85,6 +92,20 @@ class Settings(BaseSettings):
         default=64_000_000, ge=1, le=2**30, description="Largest accepted image in pixels (413)."
     )
     max_chips: int = Field(default=4096, ge=1, description="Largest chip plan for one image (422).")
+    max_pixels_in_flight: int = Field(
+        default=192_000_000,
+        ge=1,
+        description="Decoded + resized pixels of all requests in flight at most (waits, then 503; one request "
+        "above it alone: 413). Bounds the memory images take: about 3 bytes per pixel.",
+    )
+    # transport (service.http.transport): request heads and bodies
+    max_header_bytes: int = from_config(TransportConfig, "max_header_bytes")
+    header_timeout_s: float = from_config(TransportConfig, "header_timeout_s")
+    body_idle_timeout_s: float = from_config(TransportConfig, "body_idle_timeout_s")
+    body_grace_s: float = from_config(TransportConfig, "body_grace_s")
+    min_body_rate: float = from_config(TransportConfig, "min_body_rate")
+    max_batch_body_bytes: int = from_config(TransportConfig, "max_batch_body_bytes")
+    max_body_bytes_in_flight: int = from_config(TransportConfig, "max_body_bytes_in_flight")
     # server
     host: str = Field(default="127.0.0.1", description="Bind address for `snipserve serve`.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port for `snipserve serve`.")
@@ -95,6 +116,16 @@ class Settings(BaseSettings):
     # security
     api_key: SecretStr | None = Field(default=None, description="If set, required on all routes but health/metrics.")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description="CORS allow-list; empty = off.")
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _key_not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError(
+                "SNIPSERVE_API_KEY is set but empty, which would leave the service open: set a key, or unset the "
+                "variable to run without one"
+            )
+        return v
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -138,6 +169,13 @@ class Settings(BaseSettings):
             bulk_queue_capacity=self.bulk_queue_capacity,
             pipeline_depth=self.pipeline_depth,
             infer_timeout_s=self.infer_timeout_s,
+        )
+
+    def transport_config(self) -> TransportConfig:
+        """Limits at the edge; one request's body may carry ``max_image_bytes`` plus 1 MiB of form fields."""
+        fields = set(TransportConfig.model_fields) - {"max_body_bytes"}
+        return TransportConfig(
+            max_body_bytes=self.max_image_bytes + 1024 * 1024, **{name: getattr(self, name) for name in fields}
         )
 
     def decode_config(self) -> DecodeConfig:

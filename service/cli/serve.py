@@ -20,11 +20,13 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from service import metrics
+from service.http.transport import guarded_protocol
 from service.settings import Settings
 
 log = logging.getLogger("snipserve.serve")
@@ -68,18 +70,25 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn serving ``app`` with the edge limits of ``settings`` (:mod:`service.http.transport`)."""
+    transport = settings.transport_config()
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "timeout_graceful_shutdown": int(max(1, settings.shutdown_timeout_s)),
+        # A WebSocket frame carries one image: allow what /v1/detect allows, plus room for metadata.
+        "ws_max_size": settings.max_image_bytes + 1024 * 1024,
+        "http": guarded_protocol(transport),  # request-head size limit and timeout (httptools has neither)
+        "h11_max_incomplete_event_size": transport.max_header_bytes,  # if someone swaps in h11
+    }
+    return uvicorn.Config(app, **(options | overrides))
+
+
 def serve_app(app: FastAPI, settings: Settings) -> int:
     """Serve ``app`` on ``settings.host:port`` until a signal; returns the exit status."""
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout_s)),
-        # A WebSocket frame carries one image: allow what /v1/detect allows, plus room for metadata.
-        ws_max_size=settings.max_image_bytes + 1024 * 1024,
-    )
-    DrainingServer(config, app, settings.shutdown_timeout_s).run()
+    DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s).run()
     _exit_past_stuck_threads(grace_s=2.0)
     return 0
 

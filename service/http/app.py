@@ -34,6 +34,7 @@ from service.http.health import health_router
 from service.http.models import models_router
 from service.http.serving import State
 from service.http.stream import stream_router
+from service.http.transport import BodyGuard
 from service.http.web import web_router
 from service.pipeline import Pipeline
 from service.settings import Settings, get_settings
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     install_error_handlers(app)
     for router in (health_router(), models_router(), detect_router(), stream_router(), batch_router(), web_router()):
         app.include_router(router)
+    app.add_middleware(BodyGuard, config=settings.transport_config())  # innermost: after auth, before routes
     security.install(app, settings.api_key, settings.cors_origins)  # before instrument: it stays outermost
     observability.instrument(app, settings)
     return app

@@ -18,7 +18,15 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 
 from service.errors import BadImage, ImageTooLarge, SnipserveError, UnsupportedMediaType
-from service.http.serving import State, checked_options, detect_one, failure_body, get_state, pipeline_of
+from service.http.serving import (
+    State,
+    checked_options,
+    detect_one,
+    failure_body,
+    get_state,
+    pipeline_of,
+    read_form,
+)
 from service.http.stream import StreamConfig, stream_params
 from service.options import DetectOptions
 
@@ -30,17 +38,7 @@ async def _read_batch_form(request: Request, max_files: int, limit: int) -> Form
             f"content type {ctype or '(none)'!r} is not accepted: "
             "send multipart/form-data with one 'files' field per image"
         )
-    declared = request.headers.get("content-length")
-    total = max_files * limit + 1024 * 1024
-    if declared is not None and declared.isdigit() and int(declared) > total:
-        raise ImageTooLarge(
-            f"request body is {int(declared)} bytes, above {total} ({max_files} images x {limit} bytes)"
-        )
-    try:
-        return await request.form(max_files=max_files, max_fields=64, max_part_size=limit)
-    # starlette raises MultiPartException / HTTPException on malformed or oversized bodies
-    except Exception as exc:
-        raise BadImage(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+    return await read_form(request, max_files=max_files)  # total size: the body guard's batch limit
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:

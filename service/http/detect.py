@@ -116,9 +116,10 @@ def detect_router() -> APIRouter:
         t0 = time.perf_counter()
         state = get_state(request)
         pipeline = pipeline_of(state)
+        # The body first, then the slot: a slow client holds its connection, never one of the in-flight slots.
+        data, params = await read_image_and_params(request, state.settings.max_image_bytes)
+        options = parse_options(params, pipeline)
         with in_flight(state):
-            data, params = await read_image_and_params(request, state.settings.max_image_bytes)
-            options = parse_options(params, pipeline)
             image, result = await run_detection(state, data, options, timeout, request)
         result.timings["total"] = time.perf_counter() - t0
         if format == "coco":

@@ -12,17 +12,18 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 
 from service import metrics
 from service.batch import Batcher, Priority
-from service.decode import decode_image
+from service.decode import ImageInfo, decode_image, probe_image
 from service.engines import Engine
 from service.errors import (
     BadImage,
@@ -36,6 +37,7 @@ from service.errors import (
 )
 from service.options import DetectOptions
 from service.pipeline import Pipeline, Result
+from service.plan import PlanError, plan
 from service.response import detection_response
 from service.settings import Settings
 from snipserve_client.options import MAX_JSON_DEPTH, MAX_LEVELS, MAX_LEVELS_JSON, OPTION_NAMES, RequestOptions
@@ -55,6 +57,52 @@ class State:
         self.draining = False  # SIGTERM received: readiness 503, new requests refused, in-flight ones finish
         self.in_flight = 0  # all detection requests (drain waits for 0)
         self.in_flight_bulk = 0  # of which streaming/batch (priority "bulk"), limited apart
+        self.pixels = PixelBudget(settings.max_pixels_in_flight)
+
+
+class PixelBudget:
+    """Decoded and resized pixels of all requests in flight, at most ``capacity`` (memory bounded globally).
+
+    A request reserves what its image and pyramid levels will take before decoding; it waits for room until its
+    deadline (then 503), and one that could never fit is a 413."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, pixels: int, timeout: float) -> AsyncIterator[None]:
+        if pixels > self.capacity:
+            raise ImageTooLarge(
+                f"the image and its pyramid levels take {pixels / 1e6:.1f} MP, above the {self.capacity / 1e6:.1f} MP "
+                "in flight allowed (SNIPSERVE_MAX_PIXELS_IN_FLIGHT); use fewer or coarser levels"
+            )
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.used + pixels <= self.capacity), timeout)
+            except TimeoutError:
+                raise QueueFull(
+                    f"{self.used / 1e6:.1f} MP of images in flight; no room for {pixels / 1e6:.1f} MP in time "
+                    "(SNIPSERVE_MAX_PIXELS_IN_FLIGHT)",
+                    headers={"Retry-After": "1"},
+                ) from None
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
+def pixel_cost(info: ImageInfo, pipeline: Pipeline, options: DetectOptions) -> int:
+    """Pixels a request holds while it runs: the decoded image plus every resized pyramid level."""
+    try:  # the chip count is arithmetic and the chip grid at most max_chips rows: cheap on the event loop
+        levels = plan((info.width, info.height), pipeline.plan_config(options)).levels
+    except (PlanError, ValueError) as exc:
+        raise InvalidOptions(str(exc)) from exc
+    return info.width * info.height + sum(lv.width * lv.height for lv in levels)
 
 
 def parse_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:
@@ -206,10 +254,7 @@ async def read_image_and_params(request: Request, limit: int) -> tuple[bytes, di
             raise ImageTooLarge(
                 f"request body is {int(declared)} bytes, above the limit of {limit} (SNIPSERVE_MAX_IMAGE_BYTES)"
             )
-        try:
-            form = await request.form(max_files=1, max_fields=64, max_part_size=limit)
-        except Exception as exc:  # starlette raises MultiPartException / HTTPException on malformed bodies
-            raise BadImage(f"malformed multipart body: {getattr(exc, 'detail', exc)}") from exc
+        form = await read_form(request, max_files=1)
         try:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
@@ -227,6 +272,24 @@ async def read_image_and_params(request: Request, limit: int) -> tuple[bytes, di
         f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data with a 'file' field, "
         "or the raw image with an image/* content type"
     )
+
+
+MAX_FIELD_BYTES = 65536
+"""A multipart text field (an option) at most; files are limited by the byte limits."""
+
+
+async def read_form(request: Request, max_files: int) -> FormData:
+    """The multipart form, text fields at most ``MAX_FIELD_BYTES`` each; the body's total size and pace are
+    guarded while it arrives (:class:`service.http.transport.BodyGuard`)."""
+    try:
+        return await request.form(max_files=max_files, max_fields=64, max_part_size=MAX_FIELD_BYTES)
+    except SnipserveError:
+        raise  # the body guard's 408 / 413 / 503
+    except Exception as exc:  # starlette raises MultiPartException / HTTPException on malformed bodies
+        detail = str(getattr(exc, "detail", exc))
+        if "maximum size" in detail:
+            raise ImageTooLarge(f"a multipart text field is above {MAX_FIELD_BYTES} bytes (options are short)") from exc
+        raise BadImage(f"malformed multipart body: {detail}") from exc
 
 
 async def cancel_on_disconnect(request: Request, coro: Any, poll_s: float = 0.1) -> Any:
@@ -296,10 +359,12 @@ async def run_detection(
 
     async def run() -> tuple[np.ndarray, Result]:
         t = time.perf_counter()
-        image = await run_in_threadpool(decode_image, data, settings.decode_config())
-        decode_s = time.perf_counter() - t
-        metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
-        result = await pipeline.detect_async(image, options, batcher, deadline, priority)
+        info = await run_in_threadpool(probe_image, data, settings.decode_config())
+        async with state.pixels.reserve(pixel_cost(info, pipeline, options), deadline - time.monotonic()):
+            image = await run_in_threadpool(decode_image, data, settings.decode_config())
+            decode_s = time.perf_counter() - t
+            metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
+            result = await pipeline.detect_async(image, options, batcher, deadline, priority)
         result.timings["decode"] = decode_s
         return image, result
 
@@ -347,8 +412,8 @@ def failure_body(task: asyncio.Task[dict[str, Any]]) -> dict[str, Any]:
     exc = task.exception()
     if isinstance(exc, SnipserveError):
         return error_body(exc)
-    log.error("stream frame failed", exc_info=exc)
-    return {"status": 500, "code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+    log.error("stream frame failed", exc_info=exc)  # the details go to the log, never to the client
+    return {"status": 500, "code": "internal_error", "message": "internal server error (details in the server log)"}
 
 
 def checked_options(params: Mapping[str, str], pipeline: Pipeline) -> DetectOptions:

@@ -18,6 +18,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI
 
+from service.cli.serve import uvicorn_config
 from service.engines import Engine
 from service.engines.fake import FakeEngine
 from service.http.app import create_app
@@ -50,9 +51,9 @@ def _socket() -> socket.socket:
 
 
 def _server(app: FastAPI) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app, log_config=None, lifespan="on", ws_max_size=64 * 1024 * 1024, timeout_graceful_shutdown=5
-    )
+    """uvicorn as ``snipserve serve`` runs it (guarded protocol, limits from the app's settings)."""
+    settings = app_state(app).settings
+    config = uvicorn_config(app, settings, lifespan="on", ws_max_size=64 * 1024 * 1024, timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 

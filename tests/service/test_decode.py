@@ -588,3 +588,49 @@ def test_any_bytes_give_an_image_or_a_snipserve_error(data: bytes) -> None:
         return
     assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8 and out.flags.c_contiguous
     assert out.shape[0] * out.shape[1] <= config.max_pixels
+
+
+# ---- TIFF layouts Pillow and OpenCV refuse or misread (issue 12) --------------------------------------
+
+RGB_SMALL = np.random.default_rng(12).integers(0, 256, (20, 30, 3), np.uint8)
+
+
+@pytest.mark.parametrize("compression", [None, "lzw", "zlib"])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_planar_separate_rgb_tiff_decodes_like_contiguous(dtype: str, compression: str | None) -> None:
+    scale = {"uint8": 1, "uint16": 257, "float32": 1 / 255}[dtype]
+    pixels = (RGB_SMALL.astype(np.float64) * scale).astype(dtype)
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf, np.moveaxis(pixels, 2, 0), planarconfig="separate", photometric="rgb", compression=compression
+    )
+    np.testing.assert_array_equal(decode_image(buf.getvalue(), DecodeConfig()), RGB_SMALL)
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 3), (20, 30)])
+def test_float16_tiff_decodes(shape: tuple[int, ...]) -> None:
+    pixels = RGB_SMALL[..., : shape[-1] if len(shape) == 3 else 1].reshape(shape)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, (pixels / 255).astype(np.float16), photometric="rgb" if len(shape) == 3 else None)
+    out = decode_image(buf.getvalue(), DecodeConfig())
+    expected = pixels if len(shape) == 3 else np.repeat(pixels[..., None], 3, axis=2)
+    assert out.shape == (20, 30, 3)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1  # float16 keeps ~11 bits: at most 1 level off
+
+
+@pytest.mark.parametrize(
+    ("array", "kwargs", "word"),
+    [
+        (np.zeros((20, 30, 5), np.uint8), {"planarconfig": "contig", "photometric": "minisblack"}, "5 samples"),
+        (np.zeros((5, 20, 30), np.uint8), {"planarconfig": "separate", "photometric": "minisblack"}, "5 samples"),
+        (np.zeros((20, 30), np.complex64), {}, "complex"),
+    ],
+    ids=["5-channel", "5-channel-planar", "complex"],
+)
+def test_unsupported_tiff_layouts_are_415(array: np.ndarray, kwargs: dict[str, Any], word: str) -> None:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, **kwargs)
+    with pytest.raises(UnsupportedMediaType, match=word):
+        decode_image(buf.getvalue(), DecodeConfig())
+    with pytest.raises(UnsupportedMediaType, match=word):
+        probe_image(buf.getvalue(), DecodeConfig())  # refused from the header, before decoding

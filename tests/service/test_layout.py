@@ -11,7 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("service", "snipserve_client")
-EDGES = ("service.http", "service.cli", "snipserve_client", "service.client")  # service.client: the client's old name
+# service.client: the client's old name; service.settings: the composition root (composes every config, the
+# edges' included), which no stage imports.
+EDGES = ("service.http", "service.cli", "snipserve_client", "service.client", "service.settings")
 
 
 def is_edge(module: str) -> bool:

@@ -151,7 +151,8 @@ def test_raising_engine_fails_only_its_request(client_for: Callable[..., TestCli
     r = detect(client)
     assert r.status_code == 500
     error = r.json()["error"]
-    assert error["code"] == "engine_error" and "illegal memory access" in error["message"]
+    # the exception's text goes to the server log, never to the client
+    assert error["code"] == "engine_error" and error["message"] == "inference failed"
     assert client.get("/readyz").status_code == 200
     broken["on"] = False
     assert detect(client).status_code == 200

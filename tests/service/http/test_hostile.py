@@ -7,17 +7,23 @@ transport and security cases are in the sections below.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import socket
+import time
 import tracemalloc
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.http.serving import json_depth, parse_levels
+from service.errors import QueueFull
+from service.http.serving import PixelBudget, json_depth, parse_levels
 from service.plan import LevelSpec, PlanConfig, PlanError, plan
 from tests.conftest import blob_image, encode
-from tests.service.live_server import fake_app
+from tests.service.live_server import fake_app, serve_in_thread
 
 HUGE_INT = "9" * 5000
 
@@ -119,3 +125,241 @@ def test_chip_count_is_computed_before_anything_is_allocated() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1_000_000, peak
+
+
+# ---- transport: a real server on 127.0.0.1 (the guarded protocol and the body guard) -------------------
+
+
+def _connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+FAST = {"header_timeout_s": 0.5, "body_idle_timeout_s": 0.5, "body_grace_s": 0.3, "min_body_rate": 20000.0}
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    with serve_in_thread(fake_app(max_header_bytes=4096, **FAST)) as base:
+        yield base
+
+
+def test_oversized_request_head_is_431_and_closed(server: str) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(OSError):  # the server may close while we are still sending
+            for _ in range(64):
+                sock.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:100]
+    assert httpx.get(server + "/readyz").status_code == 200
+
+
+def test_idle_connection_is_closed(server: str) -> None:
+    with _connect(server) as sock:
+        t0 = time.monotonic()
+        assert _read_all(sock) == b""  # closed by the server, nothing said
+        assert time.monotonic() - t0 < 5
+
+
+def test_slow_request_head_is_408(server: str) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+
+
+def test_keep_alive_connection_gets_a_new_head_timeout(server: str) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _read_all(sock) == b""  # then closed once idle
+
+
+def _post_head(sock: socket.socket, length: int, path: str = "/v1/detect") -> None:
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n".encode()
+    )
+
+
+def test_paused_body_is_408(server: str) -> None:
+    with _connect(server) as sock:
+        _post_head(sock, 1000)
+        sock.sendall(b"\x89PNG")
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply, reply[:300]
+
+
+def test_trickled_body_is_408(server: str) -> None:
+    with _connect(server) as sock:
+        _post_head(sock, 100_000)
+        with contextlib.suppress(OSError):
+            for _ in range(40):  # 10 bytes every 0.1 s: never paused, far below the minimum rate
+                sock.sendall(b"\0" * 10)
+                time.sleep(0.1)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b"too slow" in reply, reply[:300]
+
+
+def test_slow_body_holds_no_in_flight_slot() -> None:
+    """The slot is taken once the body is read: with one slot and a client trickling its body (within the
+    timeouts), a normal request is answered 200 (it used to get 503 for as long as the slow client liked)."""
+    settings = {"max_in_flight": 1, "body_idle_timeout_s": 5.0, "body_grace_s": 5.0}
+    with serve_in_thread(fake_app(**settings)) as base, _connect(base) as slow:
+        _post_head(slow, 100_000)
+        slow.sendall(b"\x89PNG")
+        time.sleep(0.2)
+        image = encode(blob_image(64, 64, [(10, 10, 20, 20, 0)]))
+        r = httpx.post(base + "/v1/detect", content=image, headers={"Content-Type": "image/png"}, timeout=10)
+        assert r.status_code == 200, r.text
+
+
+def test_batch_total_body_limit() -> None:
+    image = encode(blob_image(256, 256, [(10, 10, 20, 20, 0)]))
+    files = [("files", (f"{i}.png", image + b"\0" * 20_000, "image/png")) for i in range(4)]
+    with TestClient(fake_app(max_batch_body_bytes=50_000), raise_server_exceptions=False) as c:
+        r = c.post("/v1/detect/batch", files=files)
+        assert r.status_code == 413 and "SNIPSERVE_MAX_BATCH_BODY_BYTES" in r.text, r.text
+        assert c.post("/v1/detect/batch", files=files[:1]).status_code == 200
+
+
+def test_chunked_multipart_is_limited_while_it_arrives() -> None:
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'.encode()
+
+    def body() -> Iterator[bytes]:  # no Content-Length: chunked, 3 MB of "image"
+        yield head
+        for _ in range(48):
+            yield b"\0" * 65536
+
+    with TestClient(fake_app(max_image_bytes=1024 * 1024), raise_server_exceptions=False) as c:
+        r = c.post("/v1/detect", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413 and "SNIPSERVE_MAX_IMAGE_BYTES" in r.text, r.text
+
+
+def test_bodies_in_flight_are_bounded_globally() -> None:
+    image = encode(blob_image(256, 256, [(10, 10, 20, 20, 0)]))
+    with TestClient(fake_app(max_body_bytes_in_flight=2048), raise_server_exceptions=False) as c:
+        r = c.post("/v1/detect", content=image + b"\0" * 4096, headers={"Content-Type": "image/png"})
+    assert r.status_code == 503 and "SNIPSERVE_MAX_BODY_BYTES_IN_FLIGHT" in r.text, r.text
+
+
+def test_one_request_above_the_pixel_budget_is_413() -> None:
+    image = encode(blob_image(256, 256, [(10, 10, 20, 20, 0)]))
+    with TestClient(fake_app(max_pixels_in_flight=50_000), raise_server_exceptions=False) as c:
+        r = c.post("/v1/detect", content=image, headers={"Content-Type": "image/png"})
+    assert r.status_code == 413 and "SNIPSERVE_MAX_PIXELS_IN_FLIGHT" in r.text, r.text
+
+
+async def test_pixel_budget_waits_for_room_then_gives_up() -> None:
+    budget = PixelBudget(100)
+    order: list[str] = []
+
+    async def second() -> None:
+        async with budget.reserve(60, timeout=5):
+            order.append("second")
+
+    async with budget.reserve(60, timeout=1):
+        task = asyncio.create_task(second())
+        await asyncio.sleep(0.05)
+        assert budget.used == 60 and not order  # waiting: 60 + 60 > 100
+        with pytest.raises(QueueFull):
+            async with budget.reserve(50, timeout=0.05):
+                pass
+        order.append("first")
+    await task
+    assert order == ["first", "second"] and budget.used == 0
+
+
+# ---- security ------------------------------------------------------------------------------------
+
+
+def test_empty_api_key_fails_at_settings_time() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="SNIPSERVE_API_KEY is set but empty"):
+        Settings(engine="fake", api_key="")
+    with pytest.raises(ValidationError, match="SNIPSERVE_API_KEY is set but empty"):
+        Settings(engine="fake", api_key="  ")
+
+
+def test_empty_api_key_from_the_environment_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv("SNIPSERVE_API_KEY", "")
+    with pytest.raises(ValidationError, match="set but empty"):
+        Settings(engine="fake")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/models", "/nowhere", "/"])
+def test_nosniff_on_every_response(client: TestClient, path: str) -> None:
+    assert client.get(path).headers["x-content-type-options"] == "nosniff"
+
+
+def test_nosniff_on_401_and_on_refusals() -> None:
+    with TestClient(fake_app(api_key="k"), raise_server_exceptions=False) as c:
+        r = c.post("/v1/detect", content=b"x", headers={"Content-Type": "image/png"})
+        assert r.status_code == 401 and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_plain_log_lines_escape_control_characters() -> None:
+    import logging
+
+    from service.observability import PlainFormatter
+
+    record = logging.LogRecord("snipserve.access", logging.INFO, __file__, 1, "%s %s", ("POST", "/a\nforged"), None)
+    record.path = "/a\r\nINFO forged"
+    line = PlainFormatter().format(record)
+    assert "\n" not in line and "\r" not in line
+    assert "/a\\x0aforged" in line and "path=/a\\x0d\\x0aINFO forged" in line
+
+
+def test_plain_log_keeps_the_traceback_on_its_own_lines() -> None:
+    import logging
+    import sys
+
+    from service.observability import PlainFormatter
+
+    try:
+        raise RuntimeError("kaput")
+    except RuntimeError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    line = PlainFormatter().format(record)
+    assert line.splitlines()[0].endswith("failed") and "RuntimeError: kaput" in line
+
+
+def test_a_forged_log_line_via_a_real_request(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    from service.observability import PlainFormatter
+
+    client.get("/v1/models%0aINFO%20snipserve.access%20forged")
+    formatter = PlainFormatter()
+    lines = [formatter.format(r) for r in caplog.records if r.name == "snipserve.access"]
+    assert lines and all("\n" not in line for line in lines)
+
+
+def test_stream_failure_reply_has_no_exception_text() -> None:
+    from service.http.serving import failure_body
+
+    async def boom() -> dict[str, object]:
+        raise RuntimeError("secret path /etc/x")
+
+    async def run() -> dict[str, object]:
+        task = asyncio.ensure_future(boom())
+        await asyncio.wait({task})
+        return failure_body(task)  # type: ignore[arg-type]
+
+    body = asyncio.run(run())
+    assert body["code"] == "internal_error" and "secret" not in str(body)

@@ -152,6 +152,7 @@ def evaluate(
     """Run ``modes`` over the dataset at ``data_dir`` and score them; returns the results dict."""
     from service.engines import EngineConfig
     from service.pipeline import Pipeline
+    from service.settings import default_model_path
 
     cfg = cfg or EvalConfig()
     coco, items = load_coco(data_dir)
@@ -163,6 +164,7 @@ def evaluate(
             "annotations": [a for a in coco["annotations"] if a["image_id"] in keep],
         }
         items = items[: cfg.max_images]
+    model_path = model_path or default_model_path()  # no --model: the shipped model (as the CLI's help says)
     pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=cfg.threads, max_batch=cfg.max_batch))
     chip = pipe.card.input_size
     options = {m: mode_options(m, chip, cfg) for m in modes}

@@ -11,6 +11,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
+from service.errors import SnipserveError
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.cli.serve", "run the HTTP service"),
@@ -36,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand. A usage, configuration or startup error (bad flag, bad ``SNIPSERVE_*`` value, missing
+    or invalid model, unreadable file) is one line on stderr and exit status 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] in SUBCOMMANDS:
@@ -44,9 +50,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = argparse.ArgumentParser(prog=f"snipserve {name}", description=SUBCOMMANDS[name][1])
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
-        return int(module.run(args) or 0)
+        try:
+            return int(module.run(args) or 0)
+        except (SnipserveError, ValueError, OSError) as exc:  # ValueError: pydantic's ValidationError too
+            print(f"snipserve {name}: error: {error_line(exc)}", file=sys.stderr)
+            return 2
     parser.parse_args(argv)  # prints usage / errors
     return 2
+
+
+def error_line(exc: BaseException) -> str:
+    """One line saying what is wrong: settings errors name their ``SNIPSERVE_*`` variable."""
+    if isinstance(exc, ValidationError):
+        settings = exc.title == "Settings"
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            where = f"SNIPSERVE_{loc.upper()}" if settings and loc else loc or exc.title
+            message = str(err["msg"]).removeprefix("Value error, ")
+            parts.append(f"{where}: {message}")
+        text = "; ".join(parts)
+    elif isinstance(exc, SnipserveError):
+        text = exc.message
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror or exc}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -107,7 +107,9 @@ def _exit_past_stuck_threads(grace_s: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.engines import create_engine
     from service.http.app import create_app
+    from service.pipeline import Pipeline
 
     given = {"host": args.host, "port": args.port, "model_path": args.model, "engine": args.engine}
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -119,4 +121,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "snipserve runs one worker per accelerator: the batcher must own the engine (WEB_CONCURRENCY=1)"
         )
-    return serve_app(create_app(settings), settings)
+    # Load the engine and build the pipeline before uvicorn starts: a bad model or provider is then one line
+    # and exit status 2 (service.cli.main), not a lifespan traceback.
+    engine = create_engine(settings.model_path, settings.engine_config())
+    try:
+        Pipeline(engine, max_chips=settings.max_chips, preprocess=settings.preprocess)
+    except BaseException:
+        engine.close()
+        raise
+    return serve_app(create_app(settings, engine_factory=lambda _: engine), settings)

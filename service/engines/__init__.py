@@ -4,7 +4,24 @@ Backends are imported lazily (``create_engine``), so ``import service.engines`` 
 TensorRT or CuPy.
 """
 
-from service.engines.base import ORT_PROVIDER_NAMES, Engine, EngineConfig, Provider, engine_on_gpu, warm_up
+from service.engines.base import (
+    ORT_PROVIDER_NAMES,
+    Engine,
+    EngineConfig,
+    Provider,
+    engine_on_gpu,
+    static_batch_note,
+    warm_up,
+)
 from service.engines.factory import create_engine
 
-__all__ = ["ORT_PROVIDER_NAMES", "Engine", "EngineConfig", "Provider", "create_engine", "engine_on_gpu", "warm_up"]
+__all__ = [
+    "ORT_PROVIDER_NAMES",
+    "Engine",
+    "EngineConfig",
+    "Provider",
+    "create_engine",
+    "engine_on_gpu",
+    "static_batch_note",
+    "warm_up",
+]

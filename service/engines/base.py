@@ -89,3 +89,19 @@ def warm_up(engine: Engine, sizes: Sequence[int] = (1,)) -> float:
         batch[...] = 0
         engine.infer(batch)
     return time.perf_counter() - t0
+
+
+def static_batch_note(engine: Engine) -> str | None:
+    """What to tell an operator when the model's batch dimension is fixed in its graph (else None).
+
+    A static batch of 1 (the default of ``yolo export format=onnx``) serves correctly, but every chip is one
+    engine call: the batcher cannot put chips of several requests into one call."""
+    fixed = getattr(engine, "static_batch", None)
+    if not isinstance(fixed, int):
+        return None
+    return (
+        f"the model's batch dimension is fixed at {fixed} in its graph, so at most {fixed} chip(s) run per engine "
+        "call and batching across requests is limited; for throughput export it with a dynamic batch, e.g. "
+        "`yolo export model=yolov8n.pt format=onnx dynamic=True` (Ultralytics) or torch.onnx.export(..., "
+        "dynamic_axes={'images': {0: 'batch'}})"
+    )

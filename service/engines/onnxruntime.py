@@ -83,6 +83,7 @@ class OnnxRuntimeEngine:
         ):
             raise ModelLoadError(f"model input shape {shape} does not match [B, 3, {c}, {c}] from its card")
         fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        self.static_batch: int | None = fixed_batch  # a batch dimension fixed in the graph (see static_batch_note)
         self.max_batch = min(config.max_batch, fixed_batch) if fixed_batch else config.max_batch
         self.precision = "fp16" if config.fp16 and "TensorrtExecutionProvider" in self.providers else "fp32"
         if config.fuse_preprocess:

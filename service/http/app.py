@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import metrics, observability, security
 from service.batch import Batcher
-from service.engines import Engine, create_engine, warm_up
+from service.engines import Engine, create_engine, static_batch_note, warm_up
 from service.errors import (
     BadImage,
     DeadlineExceeded,
@@ -110,6 +110,9 @@ async def start_serving(state: State, engine: Engine) -> None:
     metrics.set_model_info(
         model=engine.card.name, engine=engine.name, providers=",".join(engine.providers), precision=engine.precision
     )
+    note = static_batch_note(engine)
+    if note is not None:
+        log.warning("%s", note)
     if settings.warmup:
         seconds = await run_in_threadpool(warm_up, engine, (1, batcher.max_batch))
         log.info("warm-up done in %.2f s", seconds)

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from service.engines import static_batch_note
 from service.http.serving import engine_of, get_state
 
 
@@ -26,6 +27,8 @@ def models_router() -> APIRouter:
                         "providers": engine.providers,
                         "precision": engine.precision,
                         "max_batch": engine.max_batch,
+                        "static_batch": getattr(engine, "static_batch", None),
+                        "notes": [n for n in (static_batch_note(engine),) if n is not None],
                         "preprocess": state.pipeline.staging.name if state.pipeline is not None else None,
                     },
                 }

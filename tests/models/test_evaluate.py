@@ -110,3 +110,18 @@ def test_eval_end_to_end_with_shipped_model(tmp_path: Path) -> None:
     assert (tmp_path / "r" / "eval_ap_by_size.png").stat().st_size > 1000
     assert markdown_table(res).startswith("| mode |")
     assert len(write_reports(res, None, tmp_path / "again")) == 2
+
+
+def test_eval_without_model_uses_the_shipped_model(tmp_path: Path) -> None:
+    """``snipserve eval --data DIR --mode pyramid`` (no --model, as the help and DESIGN allow) ran into a
+    traceback; it evaluates the shipped model."""
+    pytest.importorskip("onnxruntime", reason="needs the cpu extra (onnxruntime)")
+    pytest.importorskip("pycocotools", reason="needs the train extra (pycocotools)")
+    pytest.importorskip("matplotlib", reason="needs the train extra (matplotlib)")
+    from service.cli import main
+
+    write_dataset(tmp_path / "d", 1, seed=32, cfg=SynthConfig(min_long_side=300, max_long_side=400))
+    out = tmp_path / "r" / "eval.json"
+    args = ["eval", "--data", str(tmp_path / "d"), "--mode", "pyramid", "--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["model"].endswith("snipserve_default.onnx")

@@ -9,9 +9,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-def constant_model(path: Path, outputs: dict[str, np.ndarray], chip: int, metadata: dict[str, str]) -> Path:
-    """A model with input ``images [B, 3, chip, chip]`` whose outputs are ``outputs`` (each ``[1, ...]``)
-    broadcast to the batch: ``out = const + 0 * sum(images)`` (so ONNX Runtime really computes it)."""
+def constant_model(
+    path: Path, outputs: dict[str, np.ndarray], chip: int, metadata: dict[str, str], batch: str | int = "B"
+) -> Path:
+    """A model with input ``images [batch, 3, chip, chip]`` whose outputs are ``outputs`` (each ``[1, ...]``)
+    broadcast to the batch: ``out = const + 0 * sum(images)`` (so ONNX Runtime really computes it). ``batch``: a
+    name for a dynamic batch dimension, or an int for a static one (``yolo export``'s default is 1)."""
     nodes = [
         helper.make_node("ReduceSum", ["images", "axes"], ["s"], keepdims=1),  # [B, 1, 1, 1]
         helper.make_node("Mul", ["s", "zero"], ["z4"]),
@@ -29,12 +32,12 @@ def constant_model(path: Path, outputs: dict[str, np.ndarray], chip: int, metada
         inits.append(numpy_helper.from_array(value.astype(np.float32), f"{name}_const"))
         nodes.append(helper.make_node("Reshape", ["z4", shape_name], [f"{name}_z"]))
         nodes.append(helper.make_node("Add", [f"{name}_z", f"{name}_const"], [name]))
-        dims: list[str | int] = ["B", *value.shape[1:]]
+        dims: list[str | int] = [batch, *value.shape[1:]]
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     graph = helper.make_graph(
         nodes,
         "const",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 3, chip, chip])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, chip, chip])],
         graph_outputs,
         initializer=inits,
     )

@@ -80,3 +80,37 @@ def test_warm_up_uses_the_engine_layout(tmp_path: Path) -> None:
     fused = OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), EngineConfig(fuse_preprocess=True, max_batch=4))
     assert warm_up(fused, (1, 4)) >= 0
     assert not engine_on_gpu(fused) and not engine_on_gpu(FakeEngine())
+
+
+def _ultralytics_like(tmp_path: Path, batch: str | int) -> Path:
+    """A YOLOv8-layout model with Ultralytics' metadata; ``batch=1`` is ``yolo export format=onnx``'s default."""
+    from tests.service.onnx_graphs import constant_model
+
+    pred = np.zeros((1, 6, 4), np.float32)
+    meta = {"names": "{0: 'a', 1: 'b'}", "imgsz": "[64, 64]", "stride": "32", "task": "detect"}
+    return constant_model(tmp_path / "yolo.onnx", {"output0": pred}, 64, meta, batch=batch)
+
+
+def test_static_batch_model_says_so(tmp_path: Path) -> None:
+    from service.engines import static_batch_note
+
+    static = OnnxRuntimeEngine(_ultralytics_like(tmp_path, 1), EngineConfig(max_batch=8))
+    assert static.static_batch == 1 and static.max_batch == 1
+    note = static_batch_note(static)
+    assert note is not None and "fixed at 1" in note and "dynamic=True" in note
+    dynamic = OnnxRuntimeEngine(_ultralytics_like(tmp_path, "batch"), EngineConfig(max_batch=8))
+    assert dynamic.static_batch is None and dynamic.max_batch == 8 and static_batch_note(dynamic) is None
+
+
+def test_static_batch_in_models_route_and_startup_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
+    from service.settings import Settings
+
+    engine = OnnxRuntimeEngine(_ultralytics_like(tmp_path, 1), EngineConfig(max_batch=8))
+    app = create_app(Settings(warmup=False), engine_factory=lambda _: engine)
+    with caplog.at_level("WARNING"), TestClient(app) as client:
+        info = client.get("/v1/models").json()["models"][0]["engine"]
+    assert info["static_batch"] == 1 and "dynamic batch" in info["notes"][0]
+    assert any("fixed at 1" in r.getMessage() for r in caplog.records)

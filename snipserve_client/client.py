@@ -316,8 +316,8 @@ class Client:
         except (OSError, websockets.WebSocketException) as exc:
             raise _connection_error(exc) from exc
         with ws:
-            _hello(ws.recv(timeout=self.timeout))
-            yield from _SyncStream(ws, window if policy == "block" else None, self.timeout).run(frames)
+            granted = int(_hello(ws.recv(timeout=self.timeout)).get("window", window))  # the server may cap it
+            yield from _SyncStream(ws, granted if policy == "block" else None, self.timeout).run(frames)
 
 
 class _SyncStream:
@@ -484,8 +484,8 @@ class AsyncClient:
         except (OSError, websockets.WebSocketException) as exc:
             raise _connection_error(exc) from exc
         async with ws:
-            _hello(await asyncio.wait_for(ws.recv(), self.timeout))
-            session = _AsyncStream(ws, window if policy == "block" else None, self.timeout)
+            granted = int(_hello(await asyncio.wait_for(ws.recv(), self.timeout)).get("window", window))
+            session = _AsyncStream(ws, granted if policy == "block" else None, self.timeout)
             async for reply in session.run(frames):
                 yield reply
 

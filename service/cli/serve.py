@@ -80,6 +80,9 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
         "timeout_graceful_shutdown": int(max(1, settings.shutdown_timeout_s)),
         # A WebSocket frame carries one image: allow what /v1/detect allows, plus room for metadata.
         "ws_max_size": settings.max_image_bytes + 1024 * 1024,
+        # Frames uvicorn reads ahead of the app: each may be ws_max_size, so keep the queue short (default 32
+        # would let one connection buffer 32 x 51 MiB); the stream's window bounds the rest.
+        "ws_max_queue": 2,
         "http": guarded_protocol(transport),  # request-head size limit and timeout (httptools has neither)
         "h11_max_incomplete_event_size": transport.max_header_bytes,  # if someone swaps in h11
     }

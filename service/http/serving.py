@@ -58,6 +58,7 @@ class State:
         self.in_flight = 0  # all detection requests (drain waits for 0)
         self.in_flight_bulk = 0  # of which streaming/batch (priority "bulk"), limited apart
         self.pixels = PixelBudget(settings.max_pixels_in_flight)
+        self.slot_freed = asyncio.Event()  # set whenever an in-flight slot is released
 
 
 class PixelBudget:
@@ -316,6 +317,36 @@ def in_flight(state: State, priority: Priority = "interactive") -> Iterator[None
 
     Interactive requests are limited by ``max_in_flight`` counting only themselves; bulk (streaming, batch)
     requests by ``bulk_max_in_flight``: a stream with a wide window cannot use up /v1/detect's slots."""
+    _enter(state, priority)
+    try:
+        yield
+    finally:
+        _leave(state, priority)
+
+
+@contextlib.asynccontextmanager
+async def in_flight_when_free(state: State, priority: Priority, timeout: float) -> AsyncIterator[None]:
+    """Like :func:`in_flight`, but wait up to ``timeout`` seconds for a slot before refusing (streams and batches
+    that follow their window are never refused for the lane being busy with other streams)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _enter(state, priority)
+            break
+        except QueueFull:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            state.slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.slot_freed.wait(), remaining)
+    try:
+        yield
+    finally:
+        _leave(state, priority)
+
+
+def _enter(state: State, priority: Priority) -> None:
     if state.draining:
         raise NotReady("the service is shutting down; retry on another replica", headers={"Retry-After": "1"})
     bulk = priority == "bulk"
@@ -329,12 +360,13 @@ def in_flight(state: State, priority: Priority = "interactive") -> Iterator[None
     state.in_flight += 1
     state.in_flight_bulk += bulk
     metrics.IN_FLIGHT.set(state.in_flight)
-    try:
-        yield
-    finally:
-        state.in_flight -= 1
-        state.in_flight_bulk -= bulk
-        metrics.IN_FLIGHT.set(state.in_flight)
+
+
+def _leave(state: State, priority: Priority) -> None:
+    state.in_flight -= 1
+    state.in_flight_bulk -= priority == "bulk"
+    metrics.IN_FLIGHT.set(state.in_flight)
+    state.slot_freed.set()
 
 
 async def run_detection(
@@ -428,7 +460,8 @@ async def detect_one(state: State, data: bytes, options: DetectOptions, timeout:
     """One image through the shared batcher (bulk lane) -> the ``/v1/detect`` JSON body (timings in ms)."""
     t0 = time.perf_counter()
     pipeline = pipeline_of(state)
-    with in_flight(state, "bulk"):
+    wait = min(timeout or math.inf, state.settings.request_timeout_s)
+    async with in_flight_when_free(state, "bulk", wait):
         _, result = await run_detection(state, data, options, timeout, priority="bulk")
     result.timings["total"] = time.perf_counter() - t0
     return detection_response(result, pipeline.card)

@@ -67,14 +67,16 @@ class StreamConfig(BaseModel):
 class StreamParams(BaseModel):
     """Per-connection stream parameters (query string)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     window: int = Field(default=8, ge=1, description="Unanswered frames at most.")
     policy: Policy = Field(default="block", description="block: stop reading; drop_oldest: cancel the oldest frame.")
     timeout: float | None = Field(default=None, gt=0, description="Per-frame deadline in seconds.")
 
 
-def stream_params(query: Mapping[str, str], config: StreamConfig) -> StreamParams:
+def stream_params(query: Mapping[str, str], config: StreamConfig, lane_limit: int | None = None) -> StreamParams:
+    """The connection's parameters; the window is capped at ``lane_limit`` (what the bulk lane admits at once,
+    ``SNIPSERVE_BULK_MAX_IN_FLIGHT``), and the ``ready`` message tells the client the window it got."""
     raw: dict[str, object] = {k: v for k, v in query.items() if k in ("window", "policy", "timeout") and v != ""}
     raw.setdefault("window", config.default_window)
     try:
@@ -84,6 +86,8 @@ def stream_params(query: Mapping[str, str], config: StreamConfig) -> StreamParam
         raise InvalidOptions("invalid stream parameters: " + "; ".join(parts)) from exc
     if params.window > config.max_window:
         raise InvalidOptions(f"window {params.window} is above the server's limit of {config.max_window}")
+    if lane_limit is not None and params.window > lane_limit:
+        params = params.model_copy(update={"window": lane_limit})
     return params
 
 
@@ -227,7 +231,7 @@ def stream_router(config: StreamConfig | None = None) -> APIRouter:
         state: State = ws.app.state.snipserve
         await ws.accept()
         try:
-            params = stream_params(ws.query_params, config)
+            params = stream_params(ws.query_params, config, state.settings.bulk_max_in_flight)
             pipeline = pipeline_of(state)
             options = checked_options(ws.query_params, pipeline)
         except SnipserveError as exc:

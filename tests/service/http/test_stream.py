@@ -199,3 +199,32 @@ async def test_batch_client_disconnect_cancels_images_in_flight() -> None:
         # the response was closed before any line: the images in flight are cancelled, their chips dropped
         assert await await_until(lambda: state.in_flight == 0)
         assert await await_until(lambda: state.batcher is not None and state.batcher.queue_depth == 0)
+
+
+async def test_window_is_capped_at_what_the_bulk_lane_admits() -> None:
+    """The largest window used to be above the bulk in-flight limit, so a client following the protocol with
+    policy=block got queue_full for the frames past the limit. The window is capped and ``ready`` says so."""
+    app = fake_app(delay=0.02, bulk_max_in_flight=4)
+    async with serve_in_loop(app) as base, websockets.connect(ws_url(base, "window=64")) as ws:
+        hello = await recv_json(ws)
+        assert hello["window"] == 4
+        for _ in range(12):
+            await ws.send(frame(1))
+        replies = [await recv_json(ws) for _ in range(12)]
+    assert [r["type"] for r in replies] == ["result"] * 12, [r.get("error") for r in replies]
+
+
+async def test_streams_sharing_the_bulk_lane_wait_instead_of_failing() -> None:
+    """Three streams with window 2 on a bulk lane of 2 slots: frames wait for a slot, none is refused."""
+    app = fake_app(delay=0.02, bulk_max_in_flight=2)
+
+    async def one_stream(base: str) -> list[str]:
+        async with websockets.connect(ws_url(base, "window=2")) as ws:
+            await recv_json(ws)
+            for _ in range(5):
+                await ws.send(frame(1))
+            return [(await recv_json(ws))["type"] for _ in range(5)]
+
+    async with serve_in_loop(app) as base:
+        results = await asyncio.gather(*(one_stream(base) for _ in range(3)))
+    assert results == [["result"] * 5] * 3

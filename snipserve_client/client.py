@@ -28,6 +28,8 @@ import websockets
 import websockets.sync.client
 from pydantic import BaseModel, ConfigDict, Field
 
+from snipserve_client.options import OPTION_NAMES
+
 if TYPE_CHECKING:  # numpy and OpenCV are imported only to encode an array: the client needs neither
     import numpy as np
 
@@ -147,8 +149,18 @@ def _name(image: ImageInput, index: int) -> str:
     return Path(image).name if isinstance(image, str | os.PathLike) else f"image{index}.png"
 
 
+ROUTE_PARAMS = ("timeout", "window", "policy", "format", "image_id")
+"""Parameters of the routes themselves, next to the request options (:data:`OPTION_NAMES`)."""
+
+
 def option_params(options: Mapping[str, OptionValue]) -> dict[str, str]:
-    """Keyword options -> the query strings ``/v1/detect`` parses (lists comma-joined, bools lower-case)."""
+    """Keyword options -> the query strings ``/v1/detect`` parses (lists comma-joined, bools lower-case).
+
+    The names are those of :class:`snipserve_client.options.RequestOptions` (the one declaration the server parses
+    too); an unknown name is a ``TypeError`` here rather than an option the server would never see."""
+    unknown = sorted(set(options) - set(OPTION_NAMES) - set(ROUTE_PARAMS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; the options are {list(OPTION_NAMES)} (and {list(ROUTE_PARAMS)})")
     params: dict[str, str] = {}
     for key, value in options.items():
         if value is None:

@@ -32,34 +32,26 @@ from service.pipeline import Result
 from service.plan import ChipPlan
 from service.postprocess import Detections
 from service.render import draw
+from snipserve_client.options import OPTION_NAMES, RequestOptions, option_field_type
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".ts"})
 OutputFormat = Literal["ndjson", "coco"]
 
-# Option flags shared by detect and stream: flag -> (/v1/detect option name, type, help).
-OPTION_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--preset": ("preset", str, "levels preset from the model card (default: default)"),
-    "--levels": ("levels", str, 'explicit levels as JSON, e.g. \'[{"scale": 2}, {"long_side": 512}]\''),
-    "--min-object-size": ("min_object_size", float, "smallest object, sqrt(area) in original px"),
-    "--max-object-size": ("max_object_size", float, "largest object, sqrt(area) in original px"),
-    "--score-threshold": ("score_threshold", float, "minimum score (default: the model's)"),
-    "--classes": ("classes", str, "comma-separated class names or ids to keep"),
-    "--max-detections": ("max_detections", int, "keep at most this many detections per image"),
-    "--merge": ("merge", str, "soft-NMS method: gaussian, linear or hard"),
-    "--sigma": ("sigma", float, "gaussian soft-NMS sigma"),
-    "--iou-threshold": ("iou_threshold", float, "Nt for linear/hard merge"),
-}
-
-
 # ---- arguments -----------------------------------------------------------------------------------
 
 
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``/v1/detect`` options as flags."""
+    """The ``/v1/detect`` options as flags, from their one declaration (:class:`RequestOptions`): ``--score-threshold
+    0.5``, ``--classes car,truck``, ``--class-agnostic`` / ``--no-edge-filter`` for the booleans."""
     group = parser.add_argument_group("detection options (as for POST /v1/detect)")
-    for flag, (name, type_, help_) in OPTION_FLAGS.items():
-        group.add_argument(flag, dest=f"opt_{name}", metavar=name.upper(), type=type_, help=help_)
+    for name, field in RequestOptions.model_fields.items():
+        flag, kind = "--" + name.replace("_", "-"), option_field_type(name)
+        help_ = (field.description or "").rstrip(".")
+        if kind is bool:
+            group.add_argument(flag, dest=f"opt_{name}", action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            group.add_argument(flag, dest=f"opt_{name}", metavar=name.upper(), type=kind, help=help_)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,10 +65,10 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def option_strings(args: argparse.Namespace) -> dict[str, str]:
     """The option flags given on the command line, as the strings ``/v1/detect`` parses."""
     params: dict[str, str] = {}
-    for name, _type, _help in OPTION_FLAGS.values():
+    for name in OPTION_NAMES:
         value = getattr(args, f"opt_{name}", None)
         if value is not None:
-            params[name] = str(value)
+            params[name] = ("true" if value else "false") if isinstance(value, bool) else str(value)
     return params
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from service.http.serving import get_state, in_flight, parse_options, pipeline_of, read_image_and_params, run_detection
 from service.render import render_jpeg
 from service.response import coco_results, detection_response
+from snipserve_client.options import RequestOptions
 
 DETECT_OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -70,6 +71,20 @@ DETECT_OPENAPI: dict[str, Any] = {
 }
 
 
+def option_parameters() -> list[dict[str, Any]]:
+    """The OpenAPI query parameters of the request options, from their one declaration (:class:`RequestOptions`).
+
+    They are parsed by :func:`service.http.serving.parse_options` (query string or form fields, form wins), not
+    by FastAPI, so that every bad value is a 422 naming it, whatever the transport."""
+    schema = RequestOptions.model_json_schema()
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = {k: v for k, v in prop.items() if k not in ("title", "default")}
+        description = prop.pop("description", "")
+        parameters.append({"name": name, "in": "query", "required": False, "description": description, "schema": prop})
+    return parameters
+
+
 def detect_router() -> APIRouter:
     router = APIRouter(tags=["detect"])
 
@@ -81,36 +96,11 @@ def detect_router() -> APIRouter:
             "Options go in the query string or as form fields. `format=json` (default) returns detections in "
             "original pixels, `coco` returns COCO results, `jpeg` the image with boxes drawn."
         ),
-        openapi_extra=DETECT_OPENAPI,
+        openapi_extra=DETECT_OPENAPI | {"parameters": option_parameters()},
     )
     async def detect(
         request: Request,
-        preset: Annotated[
-            str | None, Query(description="Levels preset from the model card.", examples=["default"])
-        ] = None,
-        levels: Annotated[
-            str | None,
-            Query(description='Explicit levels as JSON, e.g. [{"scale": 2, "valid": [-1, 40]}, {"long_side": 512}]'),
-        ] = None,
-        min_object_size: Annotated[
-            float | None, Query(gt=0, description="Smallest object, sqrt(area) in original px.")
-        ] = None,
-        max_object_size: Annotated[
-            float | None, Query(gt=0, description="Largest object, sqrt(area) in original px.")
-        ] = None,
-        score_threshold: Annotated[
-            float | None, Query(ge=0, le=1, description="Minimum score (default: the model's).")
-        ] = None,
-        classes: Annotated[str | None, Query(description="Comma-separated class names or ids to keep.")] = None,
-        max_detections: Annotated[
-            int | None, Query(ge=1, le=10000, description="At most this many detections.")
-        ] = None,
-        merge: Annotated[str | None, Query(description="Soft-NMS method: gaussian, linear or hard.")] = None,
-        sigma: Annotated[float | None, Query(gt=0, description="Gaussian soft-NMS sigma.")] = None,
-        iou_threshold: Annotated[float | None, Query(ge=0, le=1, description="Nt for linear/hard merge.")] = None,
-        class_agnostic: Annotated[bool | None, Query(description="Merge across classes.")] = None,
-        edge_filter: Annotated[bool | None, Query(description="Drop boxes cut by inner chip edges.")] = None,
-        format: Annotated[str, Query(description="json | coco | jpeg", pattern="^(json|coco|jpeg)$")] = "json",
+        format: Annotated[Literal["json", "coco", "jpeg"], Query(description="json | coco | jpeg")] = "json",
         timeout: Annotated[float | None, Query(gt=0, description="Deadline in seconds (at most the server's).")] = None,
     ) -> Response:
         t0 = time.perf_counter()

@@ -167,7 +167,7 @@ def test_engine_error_is_500_and_service_stays_ready() -> None:
         img = encode(blob_image(128, 128, [(10, 10, 30, 30, 0)]))
         r = post_raw(c, img)
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
-        assert "illegal memory access" in r.json()["error"]["message"]
+        assert r.json()["error"]["message"] == "inference failed"  # the exception's text stays in the log
         assert c.get("/readyz").status_code == 200
         r = post_raw(c, img)
         assert r.status_code == 200 and len(r.json()["detections"]) == 1

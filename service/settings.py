@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.batch import BatcherConfig
@@ -22,9 +23,12 @@ from service.http.transport import TransportConfig
 from service.security import resolve_model_path
 
 
-def from_config(config: type[BaseModel], name: str) -> Any:
-    """Field ``name`` of a stage's config as a settings field: same default, bounds and description (declared once)."""
-    return copy.deepcopy(config.model_fields[name])
+def from_config(config: type[BaseModel], name: str, **overrides: Any) -> Any:
+    """Field ``name`` of a stage's config as a settings field: same bounds, default and description (declared once,
+    so a bad value fails when the settings are read, not when the stage is built); ``overrides`` (a service default
+    or description that differs from the stage's) are merged in."""
+    field = copy.deepcopy(config.model_fields[name])
+    return FieldInfo.merge_field_infos(field, **overrides) if overrides else field
 
 
 def default_model_path() -> Path:
@@ -41,55 +45,46 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SNIPSERVE_", frozen=True, extra="ignore")
 
-    # model and engine
+    # model and engine (service.engines.EngineConfig)
     models_dir: Path = Field(
         default_factory=lambda: default_model_path().parent, description="Model files must resolve inside it."
     )
     model_path: Path = Field(default_factory=default_model_path, description="ONNX model to serve (inside models_dir).")
-    engine: Literal["onnxruntime", "tensorrt", "fake"] = Field(default="onnxruntime", description="Engine backend.")
-    providers: Annotated[tuple[Provider, ...], NoDecode] = Field(
-        default=("cpu",), description="ONNX Runtime providers, priority order (comma list)."
+    engine: Literal["onnxruntime", "tensorrt", "fake"] = from_config(EngineConfig, "kind")
+    providers: Annotated[tuple[Provider, ...], NoDecode] = from_config(
+        EngineConfig, "providers", description="ONNX Runtime providers, priority order (comma list)."
     )
-    allow_cpu_fallback: bool = Field(
-        default=False, description="Accept CPU when a requested GPU provider is unavailable."
-    )
-    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = all cores).")
-    inter_op_threads: int = Field(default=1, ge=0, description="ONNX Runtime inter-op threads.")
-    fp16: bool = Field(default=False, description="FP16 where the engine supports it (TensorRT).")
-    ort_spin: bool = Field(default=False, description="Let ONNX Runtime threads spin between calls (see README).")
-    fuse_preprocess: bool = Field(
+    allow_cpu_fallback: bool = from_config(EngineConfig, "allow_cpu_fallback")
+    intra_op_threads: int = from_config(EngineConfig, "intra_op_threads")
+    inter_op_threads: int = from_config(EngineConfig, "inter_op_threads")
+    fp16: bool = from_config(EngineConfig, "fp16")
+    ort_spin: bool = from_config(EngineConfig, "spin")
+    fuse_preprocess: bool = from_config(
+        EngineConfig,
+        "fuse_preprocess",
         default=True,
         description="ONNX Runtime: send raw uint8 chips and normalise inside the graph (faster on CPU).",
     )
-    trt_cache_dir: Path | None = Field(
-        default=None, description="TensorRT EP engine cache (keep it on a volume to skip rebuilds on restart)."
-    )
+    trt_cache_dir: Path | None = from_config(EngineConfig, "trt_cache_dir")
     preprocess: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",
         description="Where levels are resized and chips cut: gpu (into a TensorRT engine's device input), cpu, "
         "or auto (gpu where the engine takes device input, else cpu). gpu fails at startup if it cannot.",
     )
-    # batching and admission
-    max_batch: int = Field(default=8, ge=1, le=1024, description="Chips per engine call at most.")
-    max_delay_ms: float = Field(default=5.0, ge=0, description="Batching window after a batch's first chip.")
-    queue_capacity: int = Field(default=4096, ge=1, description="Queued chips at most; beyond it 503 + Retry-After.")
-    bulk_queue_capacity: int = Field(default=1024, ge=1, description="Queued streaming/batch chips at most.")
-    pipeline_depth: int | None = Field(
-        default=None,
-        ge=1,
-        le=8,
-        description="Engine batches in flight (above 1, crop overlaps inference); unset: 2 on a GPU, 1 on the CPU.",
-    )
-    infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
+    # batching and admission (service.batch.BatcherConfig; max_batch also bounds EngineConfig.max_batch)
+    max_batch: int = from_config(BatcherConfig, "max_batch")
+    max_delay_ms: float = from_config(BatcherConfig, "max_delay_ms")
+    queue_capacity: int = from_config(BatcherConfig, "queue_capacity")
+    bulk_queue_capacity: int = from_config(BatcherConfig, "bulk_queue_capacity")
+    pipeline_depth: int | None = from_config(BatcherConfig, "pipeline_depth")
+    infer_timeout_s: float = from_config(BatcherConfig, "infer_timeout_s")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")
-    # input limits
-    max_image_bytes: int = Field(
-        default=50 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest accepted upload in bytes (413)."
-    )
-    max_image_pixels: int = Field(
-        default=64_000_000, ge=1, le=2**30, description="Largest accepted image in pixels (413)."
+    # input limits (service.decode.DecodeConfig)
+    max_image_bytes: int = from_config(DecodeConfig, "max_bytes", description="Largest accepted upload in bytes (413).")
+    max_image_pixels: int = from_config(
+        DecodeConfig, "max_pixels", description="Largest accepted image in pixels (413)."
     )
     max_chips: int = Field(default=4096, ge=1, description="Largest chip plan for one image (422).")
     max_pixels_in_flight: int = Field(
@@ -162,14 +157,8 @@ class Settings(BaseSettings):
         )
 
     def batcher_config(self) -> BatcherConfig:
-        return BatcherConfig(
-            max_batch=self.max_batch,
-            max_delay_ms=self.max_delay_ms,
-            queue_capacity=max(self.queue_capacity, 1),
-            bulk_queue_capacity=self.bulk_queue_capacity,
-            pipeline_depth=self.pipeline_depth,
-            infer_timeout_s=self.infer_timeout_s,
-        )
+        own = type(self).model_fields  # a BatcherConfig field without a setting keeps its default
+        return BatcherConfig(**{name: getattr(self, name) for name in BatcherConfig.model_fields if name in own})
 
     def transport_config(self) -> TransportConfig:
         """Limits at the edge; one request's body may carry ``max_image_bytes`` plus 1 MiB of form fields."""

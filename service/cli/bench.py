@@ -12,9 +12,12 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.engines import EngineConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,32 +80,45 @@ def bench_pipeline(pipeline: Any, images: list[np.ndarray]) -> tuple[float, floa
 
 
 def bench_http(
-    model: Path | None,
-    images: list[bytes],
-    concurrency: int,
-    seconds: float,
-    max_batch: int,
-    threads: int,
-    spin: bool,
-    fuse: bool,
+    model: Path | None, images: list[bytes], concurrency: int, seconds: float, engine: EngineConfig
 ) -> dict[str, Any]:
-    """Images/s of the real HTTP service (a `snipserve serve` process) under ``concurrency`` closed-loop clients."""
+    """Images/s of the real HTTP service (a `snipserve serve` process running ``engine``'s batch, threads, spin and
+    fusion) under ``concurrency`` closed-loop clients for ``seconds``."""
     import httpx
 
     from service.cli.serve_process import ServerStartError, running_server, serve_command
 
+    try:
+        with running_server(
+            serve_command(), env=_server_env(model, engine), ready_timeout_s=120, stop_timeout_s=60
+        ) as server:
+            try:
+                return asyncio.run(_closed_loop(f"{server.url}/v1/detect", images, concurrency, seconds))
+            except httpx.HTTPError as e:
+                tail = server.output_tail()
+                raise SystemExit(f"HTTP benchmark failed: {e!r}; server output ({server.log}):\n{tail}") from e
+    except ServerStartError as e:
+        raise SystemExit(f"snipserve serve did not start: {e}") from e
+
+
+def _server_env(model: Path | None, engine: EngineConfig) -> dict[str, str]:
     env = {
-        "SNIPSERVE_MAX_BATCH": str(max_batch),
-        "SNIPSERVE_INTRA_OP_THREADS": str(threads),
+        "SNIPSERVE_MAX_BATCH": str(engine.max_batch),
+        "SNIPSERVE_INTRA_OP_THREADS": str(engine.intra_op_threads),
         "SNIPSERVE_LOG_LEVEL": "warning",
-        "SNIPSERVE_ORT_SPIN": "true" if spin else "false",
-        "SNIPSERVE_FUSE_PREPROCESS": "true" if fuse else "false",
+        "SNIPSERVE_ORT_SPIN": "true" if engine.spin else "false",
+        "SNIPSERVE_FUSE_PREPROCESS": "true" if engine.fuse_preprocess else "false",
     }
     if model is not None:
         env["SNIPSERVE_MODEL_PATH"] = str(model)
         env["SNIPSERVE_MODELS_DIR"] = str(model.resolve().parent)
+    return env
 
-    async def client(url: str, i: int, stop: float, lat: list[float], timings: list[dict[str, float]]) -> None:
+
+async def _closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+    import httpx
+
+    async def client(i: int, stop: float, lat: list[float], timings: list[dict[str, float]]) -> None:
         async with httpx.AsyncClient(timeout=300) as http:
             k = i
             while time.perf_counter() < stop:
@@ -113,32 +129,21 @@ def bench_http(
                 timings.append(r.json()["timings"])
                 k += concurrency
 
-    async def main(url: str) -> dict[str, Any]:
-        lat: list[float] = []
-        timings: list[dict[str, float]] = []
-        # warm-up: one pass over every image
-        await asyncio.gather(*(client(url, i, time.perf_counter() + 0.001, [], []) for i in range(concurrency)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(url, i, t0 + seconds, lat, timings) for i in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-        stage_ms = {k: statistics.mean(t[k] for t in timings if k in t) for k in timings[0]} if timings else {}
-        return {
-            "images_per_s": len(lat) / elapsed,
-            "requests": len(lat),
-            "latency_p50_s": float(np.percentile(lat, 50)),
-            "latency_p99_s": float(np.percentile(lat, 99)),
-            "stage_ms": stage_ms,
-        }
-
-    try:
-        with running_server(serve_command(), env=env, ready_timeout_s=120, stop_timeout_s=60) as server:
-            try:
-                return asyncio.run(main(f"{server.url}/v1/detect"))
-            except httpx.HTTPError as e:
-                tail = server.output_tail()
-                raise SystemExit(f"HTTP benchmark failed: {e!r}; server output ({server.log}):\n{tail}") from e
-    except ServerStartError as e:
-        raise SystemExit(f"snipserve serve did not start: {e}") from e
+    lat: list[float] = []
+    timings: list[dict[str, float]] = []
+    # warm-up: one pass over every image
+    await asyncio.gather(*(client(i, time.perf_counter() + 0.001, [], []) for i in range(concurrency)))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i, t0 + seconds, lat, timings) for i in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    stage_ms = {k: statistics.mean(t[k] for t in timings if k in t) for k in timings[0]} if timings else {}
+    return {
+        "images_per_s": len(lat) / elapsed,
+        "requests": len(lat),
+        "latency_p50_s": float(np.percentile(lat, 50)),
+        "latency_p99_s": float(np.percentile(lat, 99)),
+        "stage_ms": stage_ms,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,9 +164,7 @@ def run(args: argparse.Namespace) -> int:
     pipe_ips, chips_per_image, stages = bench_pipeline(pipeline, decoded)
     limit = engine_cps / chips_per_image
     pipeline.engine.close()
-    http = bench_http(
-        args.model, jpegs, args.concurrency, args.http_seconds, args.max_batch, args.threads, args.spin, args.fuse
-    )
+    http = bench_http(args.model, jpegs, args.concurrency, args.http_seconds, engine_config)
     result = {
         "model": str(model),
         "images": len(jpegs),

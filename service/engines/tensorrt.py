@@ -193,6 +193,14 @@ class CudaRunner:
                 f"TensorRT could not deserialise {engine_path} (built with TensorRT {manifest.tensorrt_version} for "
                 f"{manifest.gpu_name}); see the TensorRT log above"
             )
+        self._check_io(trt, manifest, card)
+        self.context = self.engine.create_execution_context()
+        # Non-blocking: no implicit synchronisation with the legacy default stream other libraries may use.
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._allocate(trt, cupyx, card.input_size)
+
+    def _check_io(self, trt: Any, manifest: EngineManifest, card: ModelCard) -> None:
+        """The engine's I/O tensors and batch profile are the manifest's (and the card's output names)."""
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -207,13 +215,12 @@ class CudaRunner:
             raise ModelLoadError(
                 f"engine profile batch [{lo[0]}, {hi[0]}] differs from the manifest's {manifest.profile!r}"
             )
-        c = card.input_size
         self.max_batch = int(hi[0])
-        self.context = self.engine.create_execution_context()
-        # Non-blocking: no implicit synchronisation with the legacy default stream other libraries may use.
-        self.stream = cp.cuda.Stream(non_blocking=True)
 
-        # Device buffers for the largest batch; the engine computes in place on prefixes of them.
+    def _allocate(self, trt: Any, cupyx: Any, c: int) -> None:
+        """Device buffers for the largest batch (the engine computes in place on prefixes of them), pinned host
+        buffers of the same shapes, and their addresses set once on the context."""
+        cp = self._cp
         in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         if in_dtype != np.float32:
             raise ModelLoadError(f"engine input dtype {in_dtype}; the service feeds float32")

@@ -104,6 +104,8 @@ def test_http_service_on_tensorrt_with_gpu_preprocessing(
         "providers": ["tensorrt"],
         "precision": "fp16",
         "max_batch": 8,
+        "static_batch": None,  # a TensorRT profile is a batch range, never one fixed batch
+        "notes": [],
         "preprocess": "gpu",
     }
     r = client.post("/v1/detect", content=encode(image), headers={"content-type": "image/png"})

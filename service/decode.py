@@ -524,6 +524,22 @@ def _decode_with_pillow(data: bytes, fmt: str) -> NDArray[np.uint8]:
     raise UnsupportedMediaType(f"{fmt} images with pixel mode {mode!r} are not supported")
 
 
+def samples_to_rgb8(array: NDArray[np.generic], *, fixed_range: bool = False) -> NDArray[np.uint8]:
+    """``(H, W)`` or ``(H, W, C)`` samples (C in 1..4, RGB order) -> ``(H, W, 3) uint8`` RGB by this module's rules.
+
+    ``fixed_range``: the samples are one window of a larger image (the offline mode), so nothing may depend on
+    the window's own values: floats are clipped to ``[0, 1]`` and scaled by 255, and sample types without a fixed
+    range (signed or 32-bit integers) are refused (415) instead of min-max normalised."""
+    if fixed_range and array.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            array = np.clip(np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    elif fixed_range and array.dtype not in (np.uint8, np.uint16, np.bool_):
+        raise UnsupportedMediaType(
+            f"TIFF sample type {array.dtype} is not supported in offline mode (uint8, uint16, float)"
+        )
+    return _normalise(array, bgr=False)
+
+
 def _normalise(array: NDArray[np.generic], *, bgr: bool) -> NDArray[np.uint8]:
     """Any decoder output ``(H, W)`` or ``(H, W, C)``, C in 1..4, any dtype → ``(H, W, 3) uint8`` RGB.
 

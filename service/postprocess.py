@@ -42,17 +42,28 @@ def inner_edge_mask(dets: ChipDetections, plan: ChipPlan) -> np.ndarray:
     An edge is inner when the level image continues past it; a box touching it is cut, and the
     planner's overlap guarantees a whole copy of every valid object in a neighbouring chip.
     """
-    c, m = plan.chip_size, plan.edge_margin
+    c = plan.chip_size
     chips = plan.chips[dets.chip]  # [N, 3] level, x0, y0
-    lw = np.array([lv.width for lv in plan.levels])[chips[:, 0]]
-    lh = np.array([lv.height for lv in plan.levels])[chips[:, 0]]
-    x0, y0 = chips[:, 1], chips[:, 2]
-    b = dets.boxes
+    sizes = np.array([(lv.width, lv.height) for lv in plan.levels]).reshape(-1, 2)[chips[:, 0]]  # [N, 2]
+    return away_from_inner_edges(dets.boxes, chips[:, 1:], (c, c), sizes, plan.edge_margin)
+
+
+def away_from_inner_edges(
+    boxes: np.ndarray, origin: np.ndarray, tile: tuple[int, int], full: np.ndarray, margin: float
+) -> np.ndarray:
+    """``bool [N]``: boxes (``[N, 4]`` xyxy in tile pixels) that do not touch an inner edge of their tile.
+
+    A tile of ``tile = (w, h)`` pixels sits at ``origin`` (``[N, 2]`` or ``[2]``, x0, y0) in an image of ``full``
+    (``[N, 2]`` or ``[2]``, width, height); an edge is inner where the image continues past it. Chips of a level
+    (here) and windows of the offline mode (:mod:`service.tiled`) both use it."""
+    origin, full = np.broadcast_to(origin, (len(boxes), 2)), np.broadcast_to(full, (len(boxes), 2))
+    (w, h), m, b = tile, margin, boxes
+    x0, y0 = origin[:, 0], origin[:, 1]
     cut = (
         ((x0 > 0) & (b[:, 0] <= m))
         | ((y0 > 0) & (b[:, 1] <= m))
-        | ((x0 + c < lw) & (b[:, 2] >= c - m))
-        | ((y0 + c < lh) & (b[:, 3] >= c - m))
+        | ((x0 + w < full[:, 0]) & (b[:, 2] >= w - m))
+        | ((y0 + h < full[:, 1]) & (b[:, 3] >= h - m))
     )
     return np.asarray(~cut)
 

@@ -9,26 +9,29 @@ import numpy as np
 
 from service.modelcard import ModelCard
 from service.pipeline import Result
+from service.postprocess import Detections
 
 
 def _bound(x: float) -> float | None:
     return None if math.isinf(x) else round(x, 3)
 
 
-def detection_response(result: Result, card: ModelCard) -> dict[str, Any]:
-    """The ``/v1/detect`` JSON body. Boxes are xyxy in original pixels; timings in milliseconds."""
-    d = result.detections
+def detection_dicts(d: Detections, card: ModelCard) -> list[dict[str, Any]]:
+    """``[{"box", "score", "class_id", "label", "level"}]``: boxes xyxy in original pixels, rounded for JSON."""
     boxes = d.boxes.astype(np.float64).round(2).tolist()  # float64 first: no float32 repr noise in JSON
     scores = d.scores.astype(np.float64).round(5).tolist()
-    classes = d.classes.tolist()
-    levels = d.levels.tolist()
+    return [
+        {"box": b, "score": s, "class_id": c, "label": card.classes[c], "level": lv}
+        for b, s, c, lv in zip(boxes, scores, d.classes.tolist(), d.levels.tolist(), strict=True)
+    ]
+
+
+def detection_response(result: Result, card: ModelCard) -> dict[str, Any]:
+    """The ``/v1/detect`` JSON body. Boxes are xyxy in original pixels; timings in milliseconds."""
     chip_levels = result.plan.chips[:, 0].tolist()
     return {
         "image": {"width": result.image_size[0], "height": result.image_size[1]},
-        "detections": [
-            {"box": b, "score": s, "class_id": c, "label": card.classes[c], "level": lv}
-            for b, s, c, lv in zip(boxes, scores, classes, levels, strict=True)
-        ],
+        "detections": detection_dicts(result.detections, card),
         "model": card.name,
         "chips": result.num_chips,
         "levels": [

@@ -25,10 +25,13 @@ import numpy as np
 import tifffile
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.decode import samples_to_rgb8
 from service.errors import BadImage, InvalidOptions, UnsupportedMediaType
 from service.options import DetectOptions
 from service.pipeline import Pipeline
-from service.postprocess import Detections, merge
+from service.plan import tile_positions
+from service.postprocess import Detections, away_from_inner_edges, merge
+from service.response import detection_dicts
 
 TAG_MODEL_PIXEL_SCALE = 33550
 TAG_MODEL_TIEPOINT = 33922
@@ -120,20 +123,9 @@ def geo_transform(page: tifffile.TiffPage) -> GeoTransform | None:
 
 
 def to_rgb8(pixels: np.ndarray) -> np.ndarray:
-    """``[H, W]`` or ``[H, W, S]`` samples -> ``uint8 [H, W, 3]`` RGB with the decode stage's rules
-    (gray replicated, alpha dropped, uint16 scaled by 1/257, floats in [0, 1] scaled by 255)."""
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    channels = pixels.shape[2]
-    rgb = pixels[:, :, :3] if channels >= 3 else np.repeat(pixels[:, :, :1], 3, axis=2)
-    if rgb.dtype == np.uint8:
-        return np.ascontiguousarray(rgb)
-    if rgb.dtype == np.uint16:
-        return np.rint(rgb / 257.0).astype(np.uint8)
-    if rgb.dtype.kind == "f":
-        scaled: np.ndarray = np.rint(np.clip(np.nan_to_num(rgb), 0.0, 1.0) * 255.0).astype(np.uint8)
-        return scaled
-    raise UnsupportedMediaType(f"TIFF sample type {rgb.dtype} is not supported in offline mode (uint8, uint16, float)")
+    """``[H, W]`` or ``[H, W, S]`` samples of one window -> ``uint8 [H, W, 3]`` RGB by the decode stage's rules
+    (:func:`service.decode.samples_to_rgb8` with a fixed range: the same scaling in every window)."""
+    return samples_to_rgb8(pixels, fixed_range=True)
 
 
 class TiffWindowReader:
@@ -229,35 +221,24 @@ class TiffWindowReader:
 
 
 def plan_windows(width: int, height: int, config: TileConfig) -> list[tuple[int, int, int, int]]:
-    """Windows ``(x0, y0, w, h)`` covering the image, adjacent ones overlapping by ``config.overlap``;
-    the last row/column is shifted inward so every window is full (unless the image is smaller)."""
+    """Windows ``(x0, y0, w, h)`` covering the image, adjacent ones overlapping by at least ``config.overlap``,
+    placed like the planner's chips (:func:`service.plan.tile_positions`: evenly spread, the last one flush with
+    the far edge, so every window is full unless the image is smaller)."""
     if config.overlap >= config.window:
         raise InvalidOptions(f"overlap {config.overlap} must be below the window size {config.window}")
-
-    def starts(size: int) -> list[int]:
-        if size <= config.window:
-            return [0]
-        step = config.window - config.overlap
-        n = math.ceil((size - config.window) / step) + 1
-        return [min(i * step, size - config.window) for i in range(n)]
-
+    xs = tile_positions(width, config.window, config.overlap).tolist()
+    ys = tile_positions(height, config.window, config.overlap).tolist()
     ww, wh = min(config.window, width), min(config.window, height)
-    return [(x, y, ww, wh) for y in starts(height) for x in starts(width)]
+    return [(x, y, ww, wh) for y in ys for x in xs]
 
 
 def inner_edge_keep(
     boxes: np.ndarray, window: tuple[int, int, int, int], size: tuple[int, int], margin: float
 ) -> np.ndarray:
-    """``bool [N]``: boxes (window pixels, ``[N, 4]`` xyxy) not touching an inner window edge."""
+    """``bool [N]``: boxes (window pixels, ``[N, 4]`` xyxy) not touching an inner window edge (the chips' rule,
+    :func:`service.postprocess.away_from_inner_edges`)."""
     x0, y0, w, h = window
-    width, height = size
-    cut = (
-        ((x0 > 0) & (boxes[:, 0] <= margin))
-        | ((y0 > 0) & (boxes[:, 1] <= margin))
-        | ((x0 + w < width) & (boxes[:, 2] >= w - margin))
-        | ((y0 + h < height) & (boxes[:, 3] >= h - margin))
-    )
-    return np.asarray(~cut)
+    return away_from_inner_edges(boxes, np.array([x0, y0]), (w, h), np.array(size), margin)
 
 
 def _shift(dets: Detections, dx: int, dy: int) -> Detections:
@@ -314,42 +295,34 @@ def detect_tiled(
     merged = merge(everything, options.merge, pipeline.threshold(options), max(1, len(everything)))
     timings["merge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    return tiled_response(merged, size, pipeline, geo, len(windows), chips, timings)
+    return tiled_response(merged, pipeline, TiledRun(size, geo, len(windows), chips, timings))
 
 
-def tiled_response(
-    dets: Detections,
-    size: tuple[int, int],
-    pipeline: Pipeline,
-    geo: GeoTransform | None,
-    windows: int,
-    chips: int,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """The offline-mode JSON body (boxes in original pixels; timings in milliseconds)."""
-    labels = pipeline.card.classes
-    boxes = dets.boxes.astype(np.float64).round(2).tolist()
-    geo_boxes = geo.apply(dets.boxes).tolist() if geo is not None else [None] * len(dets)
-    detections = []
-    for box, score, cls, level, gbox in zip(
-        boxes,
-        dets.scores.astype(np.float64).round(5).tolist(),
-        dets.classes.tolist(),
-        dets.levels.tolist(),
-        geo_boxes,
-        strict=True,
-    ):
-        det: dict[str, Any] = {"box": box, "score": score, "class_id": cls, "label": labels[cls], "level": level}
-        if gbox is not None:
+@dataclass(frozen=True)
+class TiledRun:
+    """What one offline run measured, for its response."""
+
+    size: tuple[int, int]  # (width, height), original pixels
+    geo: GeoTransform | None
+    windows: int
+    chips: int
+    timings: dict[str, float]  # seconds
+
+
+def tiled_response(dets: Detections, pipeline: Pipeline, run: TiledRun) -> dict[str, Any]:
+    """The offline-mode JSON body: the ``/v1/detect`` detections (:func:`service.response.detection_dicts`) plus
+    ``geo_box``/``geo_center`` when georeferenced, ``windows`` and ``geo``; timings in milliseconds."""
+    detections = detection_dicts(dets, pipeline.card)
+    if run.geo is not None:
+        for det, gbox in zip(detections, run.geo.apply(dets.boxes).tolist(), strict=True):
             det["geo_box"] = gbox
             det["geo_center"] = [(gbox[0] + gbox[2]) / 2, (gbox[1] + gbox[3]) / 2]
-        detections.append(det)
     return {
-        "image": {"width": size[0], "height": size[1]},
+        "image": {"width": run.size[0], "height": run.size[1]},
         "detections": detections,
         "model": pipeline.card.name,
-        "chips": chips,
-        "windows": windows,
-        "geo": geo.as_dict() if geo is not None else None,
-        "timings": {k: round(v * 1000, 3) for k, v in timings.items()},
+        "chips": run.chips,
+        "windows": run.windows,
+        "geo": run.geo.as_dict() if run.geo is not None else None,
+        "timings": {k: round(v * 1000, 3) for k, v in run.timings.items()},
     }

@@ -30,6 +30,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -107,6 +108,29 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     return path if isinstance(path, str) and path else UNMATCHED_ROUTE
 
 
+@dataclass(eq=False)
+class _Exchange:
+    """One HTTP exchange as the middleware sees it: wraps ``send`` to set ``X-Request-ID`` and to note the status
+    and the body bytes sent."""
+
+    send: Send
+    request_id: str
+    status: int = 500
+    started: bool = False
+    response_bytes: int = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = int(message["status"])
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+            headers.append((b"x-request-id", self.request_id.encode("ascii")))
+            message["headers"] = headers
+        elif message["type"] == "http.response.body":
+            self.response_bytes += len(message.get("body", b""))
+        await self.send(message)
+
+
 class ObservabilityMiddleware:
     """Pure ASGI middleware: request id, per-route metrics, access and error logs (see the module doc)."""
 
@@ -125,82 +149,64 @@ class ObservabilityMiddleware:
         request_id = accept_request_id(_header(scope, b"x-request-id"))
         token = request_id_var.set(request_id)
         start = time.perf_counter()
-        status = 500
-        response_started = False
-        response_bytes = 0
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started, response_bytes
-            if message["type"] == "http.response.start":
-                response_started = True
-                status = int(message["status"])
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode("ascii")))
-                message["headers"] = headers
-            elif message["type"] == "http.response.body":
-                response_bytes += len(message.get("body", b""))
-            await send(message)
-
+        exchange = _Exchange(send, request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, exchange)
         except (asyncio.CancelledError, ClientDisconnect) as exc:
             # The client went away (the API cancels a detection on disconnect): nobody is left to answer,
             # and it is not a server error. Recorded as nginx's 499 "client closed request".
-            if not response_started:
-                status = CLIENT_CLOSED_REQUEST
+            if not exchange.started:
+                exchange.status = CLIENT_CLOSED_REQUEST
             if isinstance(exc, asyncio.CancelledError):
                 raise
         except Exception as exc:
-            # Only exceptions no handler mapped get here (SnipserveError is mapped by the API's handler).
-            status = 500
-            error_log.error(
-                "unhandled %s on %s %s: %s",
-                type(exc).__name__,
-                scope.get("method", ""),
-                scope.get("path", ""),
-                exc,
-                exc_info=exc,
-                extra={"route": route_template(scope, self.routes), "status": status},
-            )
-            if response_started:
-                raise  # the status line is out; let the server close the connection
-            body = _error_body(request_id)
-            response_bytes = len(body)
-            await send_with_id(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", b"%d" % len(body)),
-                    ],
-                }
-            )
-            await send_with_id({"type": "http.response.body", "body": body})
+            await self._unhandled(scope, exc, exchange)
         finally:
-            elapsed = time.perf_counter() - start
-            route = route_template(scope, self.routes)
-            metrics.REQUESTS.labels(route=route, status=str(status)).inc()
-            metrics.REQUEST_LATENCY.labels(route=route).observe(elapsed)
-            access_log.log(
-                logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO,
-                "%s %s %d %.1fms",
-                scope.get("method", ""),
-                scope.get("path", ""),
-                status,
-                elapsed * 1000.0,
-                extra={
-                    "method": scope.get("method", ""),
-                    "path": scope.get("path", ""),
-                    "route": route,
-                    "status": status,
-                    "duration_s": round(elapsed, 6),
-                    "response_bytes": response_bytes,
-                    "client": _client(scope),
-                    "user_agent": _header(scope, b"user-agent"),
-                },
-            )
+            self._record(scope, exchange, time.perf_counter() - start)
             request_id_var.reset(token)
+
+    async def _unhandled(self, scope: Scope, exc: Exception, exchange: _Exchange) -> None:
+        """Only exceptions no handler mapped get here (SnipserveError is mapped by the API's handler): log, 500."""
+        exchange.status = 500
+        error_log.error(
+            "unhandled %s on %s %s: %s",
+            type(exc).__name__,
+            scope.get("method", ""),
+            scope.get("path", ""),
+            exc,
+            exc_info=exc,
+            extra={"route": route_template(scope, self.routes), "status": exchange.status},
+        )
+        if exchange.started:
+            raise exc  # the status line is out; let the server close the connection
+        body = _error_body(exchange.request_id)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await exchange({"type": "http.response.start", "status": 500, "headers": headers})
+        await exchange({"type": "http.response.body", "body": body})
+
+    def _record(self, scope: Scope, exchange: _Exchange, elapsed: float) -> None:
+        """Request metrics and the access log line."""
+        route, status = route_template(scope, self.routes), exchange.status
+        metrics.REQUESTS.labels(route=route, status=str(status)).inc()
+        metrics.REQUEST_LATENCY.labels(route=route).observe(elapsed)
+        access_log.log(
+            logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO,
+            "%s %s %d %.1fms",
+            scope.get("method", ""),
+            scope.get("path", ""),
+            status,
+            elapsed * 1000.0,
+            extra={
+                "method": scope.get("method", ""),
+                "path": scope.get("path", ""),
+                "route": route,
+                "status": status,
+                "duration_s": round(elapsed, 6),
+                "response_bytes": exchange.response_bytes,
+                "client": _client(scope),
+                "user_agent": _header(scope, b"user-agent"),
+            },
+        )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = accept_request_id(_header(scope, b"x-request-id"))

@@ -160,7 +160,7 @@ def random_boxes(rng: np.random.Generator, n: int, classes: int) -> tuple[np.nda
 
 def soft_nms_parity(cases: int, max_boxes: int = 600) -> tuple[bool, str]:
     need_gpu()
-    from service.soft_nms import batched_soft_nms
+    from service.soft_nms import SoftNMSParams, batched_soft_nms
     from service.soft_nms_gpu import soft_nms_groups_gpu
 
     rng = np.random.default_rng(0)
@@ -170,8 +170,8 @@ def soft_nms_parity(cases: int, max_boxes: int = 600) -> tuple[bool, str]:
         n = int(rng.integers(1, max_boxes))
         boxes, scores, groups = random_boxes(rng, n, int(rng.integers(1, 8)))
         thr = float(rng.choice([0.0, 0.001, 0.05, 0.3]))
-        want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
-        got = soft_nms_groups_gpu(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
+        want = batched_soft_nms(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, thr))  # type: ignore[arg-type]
+        got = soft_nms_groups_gpu(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, thr))  # type: ignore[arg-type]
         if not np.array_equal(got[0], want[0]):
             bad += 1
             continue

@@ -1,6 +1,6 @@
 """Print the README's settings table from ``service.settings.Settings`` (so the README stays true).
 
-    .venv/bin/python scripts/settings_table.py
+.venv/bin/python scripts/settings_table.py
 """
 
 from __future__ import annotations

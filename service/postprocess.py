@@ -12,6 +12,7 @@ import numpy as np
 from service.adapters import ChipDetections
 from service.options import MergeConfig
 from service.plan import ChipPlan
+from service.soft_nms import SoftNMSParams
 from service.soft_nms_gpu import batched_soft_nms_auto
 
 
@@ -102,9 +103,8 @@ def merge(dets: Detections, config: MergeConfig, score_threshold: float, max_det
         return dets
     groups = np.zeros(len(dets), np.int32) if config.class_agnostic else dets.classes
     # GPU kernel when CuPy and a device are present, else the NumPy reference itself (same result).
-    keep, kept = batched_soft_nms_auto(
-        dets.boxes, dets.scores, groups, config.method, config.sigma, config.iou_threshold, score_threshold
-    )
+    params = SoftNMSParams(config.method, config.sigma, config.iou_threshold, score_threshold)
+    keep, kept = batched_soft_nms_auto(dets.boxes, dets.scores, groups, params)
     keep, kept = keep[:max_detections], kept[:max_detections]
     out = dets.select(keep)
     return Detections(out.boxes, kept.astype(np.float32), out.classes, out.levels)

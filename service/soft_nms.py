@@ -12,6 +12,7 @@ hard ``0 if IoU > Nt else 1`` (hard is classic NMS, with scores unchanged).
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -192,22 +193,27 @@ def _soft_nms_dense(
     return np.asarray(keep, np.int64), np.asarray(kept, np.float64)
 
 
+@dataclass(frozen=True)
+class SoftNMSParams:
+    """The arguments of :func:`soft_nms` after the boxes, as one object (the batched and GPU variants take it)."""
+
+    method: Method = "gaussian"
+    sigma: float = 0.5
+    iou_threshold: float = 0.3
+    score_threshold: float = 0.001
+
+
 def batched_soft_nms(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    groups: np.ndarray,
-    method: Method = "gaussian",
-    sigma: float = 0.5,
-    iou_threshold: float = 0.3,
-    score_threshold: float = 0.001,
+    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, params: SoftNMSParams | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Soft-NMS run independently per group (class); same arguments as :func:`soft_nms` plus
-    ``groups`` ``int [N]``. Returns ``(keep, kept_scores)`` sorted by kept score, descending
-    (stable, so ties keep selection order)."""
+    """Soft-NMS run independently per group (class): :func:`soft_nms` with ``params`` (defaults: its defaults)
+    over the members of each group of ``groups`` ``int [N]``. Returns ``(keep, kept_scores)`` sorted by kept score,
+    descending (stable, so ties keep selection order)."""
+    p = params or SoftNMSParams()
     keeps, kepts = [], []
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
-        k, ks = soft_nms(boxes[members], scores[members], method, sigma, iou_threshold, score_threshold)
+        k, ks = soft_nms(boxes[members], scores[members], p.method, p.sigma, p.iou_threshold, p.score_threshold)
         keeps.append(members[k])
         kepts.append(ks)
     return join_groups(keeps, kepts)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from service.soft_nms import _METHODS, Method, batched_soft_nms, join_groups
+from service.soft_nms import _METHODS, SoftNMSParams, batched_soft_nms, join_groups
 
 log = logging.getLogger("snipserve.soft_nms_gpu")
 
@@ -228,10 +228,7 @@ def soft_nms_groups_gpu(
     boxes: np.ndarray,
     scores: np.ndarray,
     groups: np.ndarray,
-    method: Method = "gaussian",
-    sigma: float = 0.5,
-    iou_threshold: float = 0.3,
-    score_threshold: float = 0.001,
+    params: SoftNMSParams | None = None,
     block_threads: int = BLOCK_THREADS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Soft-NMS per group on the GPU; the same arguments and result as
@@ -246,6 +243,8 @@ def soft_nms_groups_gpu(
         )
     if block_threads % 32 or not 32 <= block_threads <= 1024:
         raise ValueError(f"block_threads must be a multiple of 32 in [32, 1024], got {block_threads}")
+    p = params or SoftNMSParams()
+    method, sigma, iou_threshold, score_threshold = p.method, p.sigma, p.iou_threshold, p.score_threshold
     if groups.size:
         _check_args(method, sigma, iou_threshold)  # the reference validates once it has a group
     order, offsets, _ = group_candidates(scores, groups, score_threshold)
@@ -298,16 +297,10 @@ def assemble(
 
 
 def batched_soft_nms_auto(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    groups: np.ndarray,
-    method: Method = "gaussian",
-    sigma: float = 0.5,
-    iou_threshold: float = 0.3,
-    score_threshold: float = 0.001,
+    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, params: SoftNMSParams | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`service.soft_nms.batched_soft_nms` on the GPU when CuPy and a device are present (checked once per
     process), else the NumPy function itself, unchanged. Same arguments, same result."""
     if len(scores) and gpu_available():
-        return soft_nms_groups_gpu(boxes, scores, groups, method, sigma, iou_threshold, score_threshold)
-    return batched_soft_nms(boxes, scores, groups, method, sigma, iou_threshold, score_threshold)
+        return soft_nms_groups_gpu(boxes, scores, groups, params)
+    return batched_soft_nms(boxes, scores, groups, params)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import soft_nms
-from service.soft_nms import batched_soft_nms
+from service.soft_nms import SoftNMSParams, batched_soft_nms
 
 soft_nms_module = importlib.import_module("service.soft_nms")  # the package re-exports the function under this name
 
@@ -175,6 +175,6 @@ def test_batched_is_per_group() -> None:
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]], np.float32)
     scores = np.array([0.9, 0.8, 0.7], np.float32)
     groups = np.array([0, 1, 0])
-    keep, kept = batched_soft_nms(boxes, scores, groups, method="hard", iou_threshold=0.5)
+    keep, kept = batched_soft_nms(boxes, scores, groups, SoftNMSParams(method="hard", iou_threshold=0.5))
     assert keep.tolist() == [0, 1]  # box 2 suppressed by box 0 (same class), box 1 untouched
     assert kept.tolist() == pytest.approx([0.9, 0.8])

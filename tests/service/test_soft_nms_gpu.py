@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from service import soft_nms_gpu
-from service.soft_nms import batched_soft_nms
+from service.soft_nms import SoftNMSParams, batched_soft_nms
 from service.soft_nms_gpu import (
     COMPILE_OPTIONS,
     KERNEL_SOURCE,
@@ -77,8 +77,8 @@ def test_dispatcher_falls_back_to_numpy_without_cupy(monkeypatch: pytest.MonkeyP
 
         monkeypatch.setattr(soft_nms_gpu, "soft_nms_groups_gpu", no_gpu)
         boxes, scores, groups = random_case(np.random.default_rng(1), 300)
-        got = batched_soft_nms_auto(boxes, scores, groups, "gaussian", 0.5, 0.3, 0.001)
-        want = batched_soft_nms(boxes, scores, groups, "gaussian", 0.5, 0.3, 0.001)
+        got = batched_soft_nms_auto(boxes, scores, groups, SoftNMSParams("gaussian", 0.5, 0.3, 0.001))
+        want = batched_soft_nms(boxes, scores, groups, SoftNMSParams("gaussian", 0.5, 0.3, 0.001))
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
     finally:
@@ -97,13 +97,13 @@ def test_dispatcher_does_not_probe_the_gpu_for_empty_input(monkeypatch: pytest.M
 def test_gpu_function_validates_like_numpy() -> None:
     boxes, scores, groups = random_case(np.random.default_rng(0), 5)
     with pytest.raises(ValueError, match="method must be one of"):
-        soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, method="box")  # type: ignore[arg-type]
+        soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, SoftNMSParams(method="box"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sigma must be > 0"):
-        soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, sigma=0.0)
+        soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, SoftNMSParams(sigma=0.0))
     with pytest.raises(ValueError, match="block_threads"):
         soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, block_threads=100)
     # Nothing above the threshold: empty result before any CUDA call (so it runs here too).
-    keep, kept = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores * 0, groups, score_threshold=0.5)
+    keep, kept = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores * 0, groups, SoftNMSParams(score_threshold=0.5))
     assert keep.dtype == np.int64 and kept.dtype == np.float32 and keep.size == 0
 
 
@@ -137,8 +137,8 @@ def test_kernel_matches_numpy(cupy_backend: types.ModuleType, method: str) -> No
         boxes, scores, groups = random_case(rng, int(rng.integers(1, biggest)), classes=int(rng.integers(1, 6)))
         thr = float(rng.choice([0.0, 0.001, 0.3]))
         threads = int(rng.choice([32, 64, 96, 256]))  # 96: a partial last warp in the block-wide reduction
-        got = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, method, 0.5, 0.3, thr, block_threads=threads)  # type: ignore[arg-type]
-        want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, thr)  # type: ignore[arg-type]
+        got = soft_nms_gpu.soft_nms_groups_gpu(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, thr), threads)  # type: ignore[arg-type]
+        want = batched_soft_nms(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, thr))  # type: ignore[arg-type]
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
         if method != "gaussian":
@@ -161,8 +161,8 @@ def test_dispatcher_uses_the_kernel_when_a_device_is_present(cupy_backend: types
     for i in range(6):
         method = ("gaussian", "linear", "hard")[i % 3]
         boxes, scores, groups = random_case(rng, int(rng.integers(1, 150)), classes=int(rng.integers(1, 5)))
-        got = soft_nms_gpu.batched_soft_nms_auto(boxes, scores, groups, method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
-        want = batched_soft_nms(boxes, scores, groups, method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
+        got = soft_nms_gpu.batched_soft_nms_auto(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, 0.01))  # type: ignore[arg-type]
+        want = batched_soft_nms(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, 0.01))  # type: ignore[arg-type]
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
 

@@ -330,6 +330,7 @@ async def in_flight_when_free(state: State, priority: Priority, timeout: float) 
     that follow their window are never refused for the lane being busy with other streams)."""
     deadline = time.monotonic() + timeout
     while True:
+        state.slot_freed.clear()  # before trying: a slot released after a failed try sets it again
         try:
             _enter(state, priority)
             break
@@ -337,7 +338,6 @@ async def in_flight_when_free(state: State, priority: Priority, timeout: float) 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise
-            state.slot_freed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.slot_freed.wait(), remaining)
     try:

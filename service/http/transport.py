@@ -72,30 +72,34 @@ def guarded_protocol(config: TransportConfig) -> type[HttpToolsProtocol]:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a request-head size limit and a request-head timeout."""
+    """uvicorn's httptools protocol with a request-head size limit and a request-head timeout.
+
+    The timer runs from the connection's start, or from the end of the previous response, until a request head is
+    complete: an idle connection is closed at the bound, a head still arriving gets 408. Only bytes of a request
+    head count towards the size limit (a body still arriving after an early response does not)."""
 
     transport_config = TransportConfig()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
-        self._in_head = True
+        self._in_head = False  # a request has begun and its head is not complete
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
-        self._in_head, self._head_bytes = True, 0
         if self._head_timer is not None:
             self._head_timer.cancel()
         self._head_timer = self.loop.call_later(self.transport_config.header_timeout_s, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
-            if self._head_bytes:
-                self._refuse(408, "request head not received in time")
-            else:
-                self.transport.close()  # an idle connection: nothing to answer
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(408, "request head not received in time")
+        else:
+            self.transport.close()  # idle: no request began in time, nothing to answer
 
     def _refuse(self, status: int, message: str) -> None:
         body = json.dumps({"error": {"code": "bad_request", "message": message}}).encode()
@@ -106,13 +110,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        in_head = self._in_head
         super().data_received(data)
-        if in_head and self._in_head and not self.transport.is_closing():
+        if self._in_head and not self.transport.is_closing():  # the head began in this chunk or before
             self._head_bytes += len(data)
             if self._head_bytes > self.transport_config.max_header_bytes:
                 limit = self.transport_config.max_header_bytes
                 self._refuse(431, f"request head above {limit} bytes (SNIPSERVE_MAX_HEADER_BYTES)")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False

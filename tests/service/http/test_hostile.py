@@ -363,3 +363,16 @@ def test_stream_failure_reply_has_no_exception_text() -> None:
 
     body = asyncio.run(run())
     assert body["code"] == "internal_error" and "secret" not in str(body)
+
+
+def test_early_answer_then_body_bytes_are_not_a_request_head() -> None:
+    """A 401 sent before the body is read: the body still arriving is not counted as the next request's head
+    (no second, 431 answer on the connection)."""
+    with serve_in_thread(fake_app(api_key="k", max_header_bytes=4096, **FAST)) as base, _connect(base) as sock:
+        _post_head(sock, 200_000)
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                sock.sendall(b"\0" * 10_000)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:100]
+    assert b"431" not in reply and reply.count(b"HTTP/1.1 ") == 1, reply[:400]

@@ -59,6 +59,7 @@ class State:
         self.in_flight_bulk = 0  # of which streaming/batch (priority "bulk"), limited apart
         self.pixels = PixelBudget(settings.max_pixels_in_flight)
         self.slot_freed = asyncio.Event()  # set whenever an in-flight slot is released
+        self.frame_bytes = 0  # encoded WebSocket frames held by streams (received, not yet answered)
 
 
 class PixelBudget:
@@ -74,6 +75,18 @@ class PixelBudget:
 
     @contextlib.asynccontextmanager
     async def reserve(self, pixels: int, timeout: float) -> AsyncIterator[None]:
+        if self.used + pixels <= self.capacity:  # fast path: room now (asyncio.wait_for(..., 0) never runs it)
+            self.used += pixels
+        else:
+            await self._wait_for_room(pixels, timeout)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+    async def _wait_for_room(self, pixels: int, timeout: float) -> None:
         if pixels > self.capacity:
             raise ImageTooLarge(
                 f"the image and its pyramid levels take {pixels / 1e6:.1f} MP, above the {self.capacity / 1e6:.1f} MP "
@@ -89,12 +102,6 @@ class PixelBudget:
                     headers={"Retry-After": "1"},
                 ) from None
             self.used += pixels
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= pixels
-                self._changed.notify_all()
 
 
 def pixel_cost(info: ImageInfo, pipeline: Pipeline, options: DetectOptions) -> int:

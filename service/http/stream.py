@@ -45,6 +45,7 @@ from service.options import DetectOptions
 log = logging.getLogger("snipserve.stream")
 
 Policy = Literal["block", "drop_oldest"]
+FRAME_BYTES_POLL_S = 0.02  # how often a reader waiting for the frame-bytes budget looks again
 
 
 class StreamConfig(BaseModel):
@@ -147,7 +148,17 @@ class StreamSession:
             while len(self.pending) >= self.cap:
                 self.progress.clear()
                 await self.progress.wait()
+            await self._reserve_bytes(len(data))
             self._admit(meta, data, meta_error)
+
+    async def _reserve_bytes(self, n: int) -> None:
+        """Hold ``n`` frame bytes against the service-wide budget (``SNIPSERVE_MAX_BODY_BYTES_IN_FLIGHT``, shared by
+        all streams): while it is spent, this reader stops reading its socket, like a full window."""
+        state = self.state
+        limit = state.settings.max_body_bytes_in_flight
+        while state.frame_bytes and state.frame_bytes + n > limit:
+            await asyncio.sleep(FRAME_BYTES_POLL_S)
+        state.frame_bytes += n
 
     async def _receive_frame(self) -> tuple[Any, bytes, SnipserveError | None]:
         """Next binary frame and the metadata text message before it (if any)."""
@@ -181,9 +192,14 @@ class StreamSession:
                 oldest.task.cancel()  # cancels the awaited batcher future: its queued chips are dropped
                 self.dropped += 1
         task = asyncio.create_task(self._detect(data, meta_error), name=f"snipserve-stream-frame-{self.seq}")
+        n = len(data)
+        task.add_done_callback(lambda _: self._release_bytes(n))  # done, failed, dropped or cancelled
         self.pending.append(Frame(self.seq, meta, task))
         self.seq += 1
         self.arrived.set()
+
+    def _release_bytes(self, n: int) -> None:
+        self.state.frame_bytes -= n
 
     async def _detect(self, data: bytes, meta_error: SnipserveError | None) -> dict[str, Any]:
         if meta_error is not None:

@@ -228,3 +228,22 @@ async def test_streams_sharing_the_bulk_lane_wait_instead_of_failing() -> None:
     async with serve_in_loop(app) as base:
         results = await asyncio.gather(*(one_stream(base) for _ in range(3)))
     assert results == [["result"] * 5] * 3
+
+
+async def test_frame_bytes_held_by_streams_are_bounded_service_wide() -> None:
+    """Frames received and not yet answered count against SNIPSERVE_MAX_BODY_BYTES_IN_FLIGHT: with a budget of
+    about one frame, a stream with window 4 holds one frame at a time (its reader waits) and still answers all."""
+    data = frame(1)
+    app = fake_app(delay=0.02, max_body_bytes_in_flight=max(1024, len(data) + 10))
+    state = app_state(app)
+    held: list[int] = []
+    async with serve_in_loop(app) as base, websockets.connect(ws_url(base, "window=4")) as ws:
+        await recv_json(ws)
+        for _ in range(6):
+            await ws.send(data)
+        replies = []
+        for _ in range(6):
+            held.append(state.frame_bytes)
+            replies.append(await recv_json(ws))
+    assert [r["type"] for r in replies] == ["result"] * 6
+    assert max(held) <= len(data) and state.frame_bytes == 0

@@ -72,8 +72,8 @@ def error_line(exc: BaseException) -> str:
         text = "; ".join(parts)
     elif isinstance(exc, SnipserveError):
         text = exc.message
-    elif isinstance(exc, OSError) and exc.filename is not None:
-        text = f"{exc.strerror or exc}: {exc.filename}"
+    elif isinstance(exc, OSError):
+        text = f"{exc.strerror or exc}: {exc.filename}" if exc.filename is not None else (exc.strerror or str(exc))
     else:
         text = str(exc) or type(exc).__name__
     return " ".join(text.split())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -89,11 +90,26 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
     return uvicorn.Config(app, **(options | overrides))
 
 
-def serve_app(app: FastAPI, settings: Settings) -> int:
-    """Serve ``app`` on ``settings.host:port`` until a signal; returns the exit status."""
-    DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s).run()
+def serve_app(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> int:
+    """Serve ``app`` on ``sock`` (default: a new one on ``settings.host:port``) until a signal; the exit status."""
+    sock = sock or listen_socket(settings.host, settings.port)
+    DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_timeout_s).run(sockets=[sock])
     _exit_past_stuck_threads(grace_s=2.0)
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (uvicorn listens on it); a port in use is an ``OSError`` naming it,
+    which ``snipserve`` reports in one line (uvicorn would log it among its startup lines and exit 1)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _exit_past_stuck_threads(grace_s: float) -> None:
@@ -124,12 +140,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "snipserve runs one worker per accelerator: the batcher must own the engine (WEB_CONCURRENCY=1)"
         )
-    # Load the engine and build the pipeline before uvicorn starts: a bad model or provider is then one line
-    # and exit status 2 (service.cli.main), not a lifespan traceback.
+    # Bind, load the engine and build the pipeline before uvicorn starts: a port in use, a bad model or provider
+    # is then one line and exit status 2 (service.cli.main), not a log among uvicorn's or a lifespan traceback.
+    sock = listen_socket(settings.host, settings.port)
     engine = create_engine(settings.model_path, settings.engine_config())
     try:
         Pipeline(engine, max_chips=settings.max_chips, preprocess=settings.preprocess)
     except BaseException:
         engine.close()
+        sock.close()
         raise
-    return serve_app(create_app(settings, engine_factory=lambda _: engine), settings)
+    return serve_app(create_app(settings, engine_factory=lambda _: engine), settings, sock)

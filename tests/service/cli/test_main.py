@@ -50,3 +50,23 @@ def test_error_line_names_settings_variables() -> None:
         Settings(max_batch=0, header_timeout_s=-1)
     line = error_line(info.value)
     assert "SNIPSERVE_MAX_BATCH" in line and "SNIPSERVE_HEADER_TIMEOUT_S" in line and "\n" not in line
+
+
+def test_port_in_use_is_one_line_and_status_2() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SNIPSERVE_")} | {"SNIPSERVE_WARMUP": "false"}
+        r = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--engine", "fake", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"snipserve serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"

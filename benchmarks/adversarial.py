@@ -143,6 +143,19 @@ async def hostile_options(client: httpx.AsyncClient, rss: RssSampler) -> dict[st
     }
 
 
+async def big_images(client: httpx.AsyncClient, n: int, side: int) -> tuple[list[int], float]:
+    """``n`` valid ``side x side`` PNGs at once, one coarse level each: the pixel budget makes some wait."""
+    body, params = png(side, side), {"levels": '[{"long_side": 512}]'}
+    t0 = time.perf_counter()
+
+    async def one() -> int:
+        r = await client.post("/v1/detect", params=params, content=body, headers=PNG_TYPE)
+        return r.status_code
+
+    statuses = list(await asyncio.gather(*(one() for _ in range(n))))
+    return statuses, time.perf_counter() - t0
+
+
 async def gif_bombs(client: httpx.AsyncClient, n: int) -> list[int]:
     async def one() -> int:
         r = await client.post("/v1/detect", content=gif_bomb(), headers={"Content-Type": "image/gif"})
@@ -223,6 +236,7 @@ async def run(url: str, pid: int, slow_clients: int) -> dict[str, Any]:
         out["idle_ms"], idle_statuses = await normal_latency(client, 30)
         out["hostile"] = await hostile_options(client, rss)
         out["gif_bombs"] = await gif_bombs(client, 8)
+        out["big_images"], out["big_images_s"] = await big_images(client, 8, 6000)
         stop = threading.Event()
         replies: list[bytes] = []
         worker = threading.Thread(
@@ -240,7 +254,7 @@ async def run(url: str, pid: int, slow_clients: int) -> dict[str, Any]:
         out["oversized_head"] = status_of(await asyncio.to_thread(oversized_head, url, 8 * 1024 * 1024))
         out["readyz"] = (await client.get("/readyz")).status_code
         hostile = [s for row in out["hostile"]["rows"] for s in row["statuses"]]
-        statuses = idle_statuses + loaded_statuses + hostile + out["gif_bombs"]
+        statuses = idle_statuses + loaded_statuses + hostile + out["gif_bombs"] + out["big_images"]
     rss.stop()
     out["peak_rss_mb"] = rss.peak / 2**20
     out["5xx"] = sum(s >= 500 for s in statuses)
@@ -258,6 +272,8 @@ def report(r: dict[str, Any]) -> None:
     print(f"| {what} | {statuses}, {slowest} | 4xx, < 50 ms |")
     print(f"| hostile options: server RSS growth | {h['rss_growth'] / 2**20:.1f} MiB | no spike |")
     print(f"| 8 parallel 8000x8000 GIF bombs | {sorted(set(r['gif_bombs']))} | 4xx |")
+    big = f"{sorted(set(r['big_images']))} in {r['big_images_s']:.1f} s"
+    print(f"| 8 parallel valid 6000x6000 PNGs (36 MP each) | {big} | 200, bounded memory |")
     ratio = r["loaded_ms"] / r["idle_ms"]
     latency = f"{r['idle_ms']:.1f} / {r['loaded_ms']:.1f} ms = {ratio:.2f}x"
     print(f"| normal request, idle / with {r['slow_clients']} slow-body clients | {latency} | <= 2x |")

@@ -151,3 +151,10 @@ def test_console_script_and_module_entry_point() -> None:
         [sys.executable, "-m", "service.cli", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and "serve" in r.stdout, r.stderr
+
+
+def test_every_package_has_an_init() -> None:
+    """setuptools' packages.find only ships directories with ``__init__.py`` (a namespace package would be left out
+    of the wheel and the Docker image)."""
+    dirs = {p.parent for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    assert sorted(str(d.relative_to(ROOT)) for d in dirs if not (d / "__init__.py").exists()) == []

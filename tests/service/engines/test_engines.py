@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 from service.crop import Normalizer, crop_plan, resize_levels
 from service.engines import EngineConfig, engine_on_gpu, warm_up
 from service.engines.fake import FakeEngine
-from service.engines.onnxruntime import OnnxRuntimeEngine
+from service.engines.onnxruntime import OnnxRuntimeEngine, check_providers
+from service.errors import ModelLoadError
 from service.modelcard import CARD_METADATA_KEY, ModelCard
 from service.options import DetectOptions
 from service.pipeline import Pipeline
@@ -114,3 +117,108 @@ def test_static_batch_in_models_route_and_startup_log(tmp_path: Path, caplog: py
         info = client.get("/v1/models").json()["models"][0]["engine"]
     assert info["static_batch"] == 1 and "dynamic batch" in info["notes"][0]
     assert any("fixed at 1" in r.getMessage() for r in caplog.records)
+
+
+# ---- ONNX Runtime providers: run-time fallback off, the running session's providers checked ----------------------
+
+
+import onnxruntime  # noqa: E402 - the cpu extra; the real session class, before any test patches it
+
+REAL_SESSION = onnxruntime.InferenceSession
+
+
+class RecordingSession:
+    """Wraps ``onnxruntime.InferenceSession``: records the providers asked for, runs on the CPU EP, and reports
+    ``active`` as its providers (``active(model)`` may tell the file session from the fused, in-memory one)."""
+
+    made: list[tuple[object, list[object], RecordingSession]] = []
+    active: Callable[[object], list[str]] = staticmethod(lambda model: ["CPUExecutionProvider"])
+
+    def __init__(self, model: object, sess_options: object = None, providers: list[object] | None = None) -> None:
+        self._inner = REAL_SESSION(model, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        self._model = model
+        self.fallback_disabled = False
+        type(self).made.append((model, list(providers or []), self))
+
+    def disable_fallback(self) -> None:
+        self.fallback_disabled = True
+        self._inner.disable_fallback()
+
+    def get_providers(self) -> list[str]:
+        return list(type(self).active(self._model))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def recording_ort(monkeypatch: pytest.MonkeyPatch) -> type[RecordingSession]:
+    import onnxruntime as ort
+
+    RecordingSession.made = []
+    monkeypatch.setattr(RecordingSession, "active", staticmethod(lambda model: ["CPUExecutionProvider"]))
+    monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
+    available = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    return RecordingSession
+
+
+def test_every_session_runs_without_ort_fallback(tmp_path: Path) -> None:
+    """ORT rebuilds a session on the remaining providers after a run-time EP failure unless told not to."""
+    for fuse in (False, True):
+        engine = OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), EngineConfig(fuse_preprocess=fuse))
+        assert engine.session._enable_fallback is False  # the real ORT session's switch
+        engine.close()
+
+
+def test_provider_options_tf32_off_and_one_tensorrt_profile(tmp_path: Path, recording_ort: type) -> None:
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    recording_ort.active = staticmethod(lambda model: every)
+    cfg = EngineConfig(providers=("tensorrt", "cuda"), fp16=True, max_batch=16, fuse_preprocess=True)
+    engine = OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), cfg)
+    (file_model, file_providers, plain), (fused_model, fused_providers, fused) = recording_ort.made
+    assert isinstance(file_model, str) and isinstance(fused_model, bytes)
+    assert plain.fallback_disabled and fused.fallback_disabled
+    trt_opts = dict(fused_providers[0][1])  # type: ignore[index]
+    assert trt_opts["trt_fp16_enable"] is True
+    # One profile over the batch: warm-up's sizes 1 and max_batch fall in it (one engine build, not two).
+    assert trt_opts["trt_profile_min_shapes"] == "chips_uint8_nhwc:1x32x32x3"
+    assert trt_opts["trt_profile_opt_shapes"] == trt_opts["trt_profile_max_shapes"] == "chips_uint8_nhwc:16x32x32x3"
+    assert dict(file_providers[0][1])["trt_profile_max_shapes"] == "images:16x3x32x32"  # type: ignore[index]
+    assert fused_providers[1] == ("CUDAExecutionProvider", {"use_tf32": "0"})  # TF32 off: fp32 parity
+    assert fused_providers[2] == "CPUExecutionProvider"
+    assert engine.precision == "fp16"
+
+
+def test_the_running_sessions_providers_are_checked(tmp_path: Path, recording_ort: type) -> None:
+    """With fused pre-processing the fused session runs: its providers count, not the first session's."""
+    gpu, cpu = ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]
+    recording_ort.active = staticmethod(lambda model: gpu if isinstance(model, str) else cpu)
+    with pytest.raises(ModelLoadError, match="SNIPSERVE_ALLOW_CPU_FALLBACK"):
+        OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), EngineConfig(providers=("cuda",), fuse_preprocess=True))
+    engine = OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), EngineConfig(providers=("cuda",)))
+    assert engine.providers == gpu
+
+
+def test_tensorrt_ep_missing_while_cuda_runs_is_logged(
+    tmp_path: Path, recording_ort: type, caplog: pytest.LogCaptureFixture
+) -> None:
+    recording_ort.active = staticmethod(lambda model: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING, logger="snipserve.engine"):
+        engine = OnnxRuntimeEngine(identity_model(tmp_path, "RGB"), EngineConfig(providers=("tensorrt", "cuda")))
+    assert engine.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "requested provider TensorrtExecutionProvider is not active (failed to start); "
+        "active: ['CUDAExecutionProvider', 'CPUExecutionProvider']"
+    ]
+
+
+def test_check_providers() -> None:
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    assert check_providers([trt, cuda], [trt, cuda, cpu], [trt, cuda, cpu], False) == []
+    (only,) = check_providers([trt, cuda], [cuda, cpu], [cuda, cpu], False)
+    assert only.startswith(f"requested provider {trt} is not active (not in this onnxruntime build)")
+    with pytest.raises(ModelLoadError, match=r"requested providers \['CUDAExecutionProvider'\] are not active"):
+        check_providers([cuda, cpu], [cpu], [cpu], False)
+    warnings = check_providers([trt, cuda], [cpu], [cpu], True)
+    assert len(warnings) == 3 and warnings[-1].endswith("(fallback allowed)")

@@ -10,12 +10,14 @@ written with ``<stem>.manifest.json`` beside it (:mod:`service.engines.manifest`
 compute capability, precision, profile, SHA-256 and card of the source ONNX.
 
 Precision on TensorRT versions:
-- TensorRT 10.x: FP16 and INT8 through the (weak-typing) builder flags. INT8 uses post-training calibration
-  with ``IInt8EntropyCalibrator2`` on chips cut by the service's own planner and pre-processing from sample
-  images (deprecated since 10.1 in favour of explicit Q/DQ quantization, still offered throughout 10.x).
-- TensorRT 11+ removed those flags and the calibrator: FP32 ONNX builds an FP32 engine (networks are strongly
-  typed); FP16/INT8 need an ONNX that carries its precision (ModelOpt AutoCast or Q/DQ nodes), which this
-  exporter does not produce. Asking for fp16/int8 there is a clear error, never a silent FP32 engine.
+- TF32 is cleared in every build: ``fp32`` means fp32 (TF32's 10-bit mantissa would break the 1e-3 parity).
+- FP16: the (weak-typing) FP16 builder flag of TensorRT 10.x. TensorRT 11 removed it: there ``fp16`` is a clear
+  error (convert the ONNX with ModelOpt AutoCast and build that as fp32), never a silent FP32 engine.
+- INT8: explicit quantization, as TensorRT 10 recommends (implicit calibration -- ``IInt8EntropyCalibrator2``,
+  ``int8_calibrator``, ``set_calibration_profile`` -- is deprecated since 10.1, warns, and is gone in 11). The
+  ONNX is quantized with Q/DQ nodes by ONNX Runtime's static quantizer (symmetric INT8, per-channel weights),
+  calibrated on chips cut by the service's own planner and pre-processing from sample images, and built as a
+  strongly typed network without precision flags (works on TensorRT 10 and 11 alike).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,13 +44,18 @@ class TensorRTExportConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    precision: Precision = Field(default="fp16", description="fp32, fp16, or int8 (calibrated; fp16 fallback).")
+    precision: Precision = Field(default="fp16", description="fp32, fp16, or int8 (explicit Q/DQ, calibrated).")
     profile: BatchProfile = Field(default_factory=BatchProfile, description="Batch optimisation profile.")
     workspace_mib: int = Field(default=2048, ge=16, description="Builder workspace memory pool limit, MiB.")
     timing_cache: Path | None = Field(default=None, description="Timing cache file, read if present, then updated.")
     calibration_images: Path | None = Field(default=None, description="Folder of sample images (INT8 only).")
     calibration_chips: int = Field(default=256, ge=8, description="Chips cut from them for INT8 calibration.")
-    calibration_cache: Path | None = Field(default=None, description="INT8 calibration cache, reused if present.")
+    calibration_cache: Path | None = Field(
+        default=None, description="INT8: the calibrated Q/DQ ONNX model, written there and reused when present."
+    )
+    calibration_method: Literal["entropy", "minmax", "percentile"] = Field(
+        default="entropy", description="INT8: how activation ranges are calibrated (ONNX Runtime's quantizer)."
+    )
 
 
 class ExportError(RuntimeError):
@@ -117,57 +124,116 @@ def calibration_chips(images_dir: Path, card: ModelCard, max_chips: int, seed: i
     return np.stack(chips[:max_chips]).astype(np.float32)
 
 
-def _make_calibrator(trt: Any, chips: np.ndarray, batch: int, cache: Path | None, input_name: str) -> Any:
-    """An ``IInt8EntropyCalibrator2`` feeding ``chips`` in batches of ``batch`` from one device buffer."""
-    import cupy as cp
+class _ChipReader:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over calibration chips, ``batch`` at a time."""
 
-    base = getattr(trt, "IInt8EntropyCalibrator2", None)
-    if base is None:
-        raise ExportError(
-            f"TensorRT {trt.__version__} offers no IInt8EntropyCalibrator2 (implicit INT8 calibration was removed); "
-            "quantize the ONNX explicitly (Q/DQ nodes, e.g. NVIDIA ModelOpt) and build it as fp32"
-        )
+    def __init__(self, input_name: str, chips: np.ndarray, batch: int) -> None:
+        self.input_name, self.chips, self.batch, self.cursor = input_name, chips, batch, 0
 
-    class ChipCalibrator(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            base.__init__(self)  # type: ignore[misc]  # TensorRT's documented requirement for Python calibrators
-            self.batch = batch
-            self.chips = chips
-            self.cursor = 0
-            self.device = cp.empty((batch, *chips.shape[1:]), cp.float32)
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.cursor >= self.chips.shape[0]:
+            return None
+        rows = self.chips[self.cursor : self.cursor + self.batch]
+        self.cursor += self.batch
+        return {self.input_name: np.ascontiguousarray(rows, np.float32)}
 
-        def get_batch_size(self) -> int:
-            return self.batch
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            # Whole batches only: the calibration profile fixes the batch; the remainder is not used.
-            if self.cursor + self.batch > self.chips.shape[0]:
-                return None
-            if names != [input_name]:
-                log.warning("calibrator asked for inputs %s, feeding %s", names, input_name)
-            self.device.set(np.ascontiguousarray(self.chips[self.cursor : self.cursor + self.batch]))
-            cp.cuda.runtime.deviceSynchronize()  # the builder reads the buffer on its own stream
-            self.cursor += self.batch
-            return [int(self.device.data.ptr)]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache.read_bytes() if cache is not None and cache.is_file() else None
-
-        def write_calibration_cache(self, data: Any) -> None:
-            if cache is not None:
-                cache.write_bytes(bytes(data))
-
-    return ChipCalibrator()
+    def rewind(self) -> None:
+        self.cursor = 0
 
 
-def _parse(trt: Any, builder: Any, onnx_path: Path, logger: Any) -> tuple[Any, Any]:
-    # TensorRT 10 made every network explicit-batch (the flag is ignored and deprecated): flags 0.
-    network = builder.create_network(0)
+CALIBRATION_METHODS = {"entropy": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}
+
+
+def quantize_qdq(onnx_path: Path, chips: np.ndarray, out: Path, input_name: str, method: str = "entropy") -> Path:
+    """``onnx_path`` with explicit INT8 quantization (Q/DQ nodes) calibrated on ``chips`` ``float32 [N, 3, C, C]``,
+    written to ``out``: the INT8 path TensorRT 10 documents (implicit calibration, ``int8_calibrator`` and
+    ``set_calibration_profile``, is deprecated since 10.1 and removed in 11). ONNX Runtime's static quantizer
+    with TensorRT's scheme: symmetric INT8 activations and weights, per-channel weights, float biases."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if chips.shape[0] == 0:
+        raise ExportError("no calibration chips")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        str(onnx_path),
+        str(out),
+        _ChipReader(input_name, chips, batch=8),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+    )
+    return out
+
+
+def _parse(trt: Any, builder: Any, model: bytes, logger: Any, strongly_typed: bool) -> tuple[Any, Any]:
+    # TensorRT 10 made every network explicit-batch (the flag is ignored and deprecated). A Q/DQ (INT8) model is
+    # built strongly typed, as TensorRT 10's explicit-quantization docs ask (no precision flags then).
+    flags = 0
+    if strongly_typed:
+        flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if flag is None:
+            raise ExportError(f"TensorRT {trt.__version__} cannot build strongly typed networks (needed for Q/DQ INT8)")
+        flags = 1 << int(flag)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse(model):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+        raise ExportError(f"TensorRT's ONNX parser rejected the model: {errors}")
     return network, parser  # the parser must outlive the network's use (it owns weights)
+
+
+def _int8_source(onnx_path: Path, out: Path, card: ModelCard, cfg: TensorRTExportConfig) -> tuple[Path, dict[str, Any]]:
+    """The Q/DQ model to build an INT8 engine from (the calibration cache when it exists, else calibrated now)."""
+    qdq = cfg.calibration_cache or out.with_suffix(".qdq.onnx")
+    if cfg.calibration_cache is not None and cfg.calibration_cache.is_file():
+        chips = 0
+    else:
+        if cfg.calibration_images is None:
+            raise ExportError("int8 needs --calibration-images (or an existing --calibration-cache Q/DQ model)")
+        data = calibration_chips(cfg.calibration_images, card, cfg.calibration_chips)
+        quantize_qdq(onnx_path, data, qdq, card.input_name or "images", cfg.calibration_method)
+        chips = int(data.shape[0])
+    return qdq, {
+        "method": f"explicit Q/DQ (onnxruntime.quantization, {cfg.calibration_method} calibration)",
+        "chips": chips,
+        "images": str(cfg.calibration_images) if cfg.calibration_images else None,
+        "qdq_model": str(qdq),
+        "qdq_sha256": sha256_file(qdq),
+    }
+
+
+def _builder_config(trt: Any, builder: Any, input_name: str, chip: int, cfg: TensorRTExportConfig) -> Any:
+    """Workspace, the batch profile, TF32 off, the precision flag (fp16) and the timing cache."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
+    p = cfg.profile
+    profile = builder.create_optimization_profile()
+    profile.set_shape(
+        input_name, (p.min_batch, 3, chip, chip), (p.opt_batch, 3, chip, chip), (p.max_batch, 3, chip, chip)
+    )
+    config.add_optimization_profile(profile)
+    # TF32 is on by default: it rounds fp32 convolution inputs to a 10-bit mantissa, so an "fp32" engine would
+    # differ from ONNX Runtime's fp32 by far more than the 1e-3 parity tolerance. fp32 means fp32.
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None:
+        config.clear_flag(tf32)
+    if cfg.precision == "fp16":
+        flag = getattr(trt.BuilderFlag, "FP16", None)
+        if flag is None:
+            raise ExportError(
+                f"TensorRT {trt.__version__} has no FP16 builder flag (weak typing was removed); build fp32, or "
+                "convert the ONNX to mixed precision first (NVIDIA ModelOpt AutoCast) and build that as fp32"
+            )
+        config.set_flag(flag)
+    cache_bytes = cfg.timing_cache.read_bytes() if cfg.timing_cache and cfg.timing_cache.is_file() else b""
+    timing_cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not match this TensorRT/GPU; starting a fresh one", cfg.timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return config
 
 
 def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> TensorRTExportReport:
@@ -180,90 +246,32 @@ def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> Tenso
 
     t0 = time.perf_counter()
     card = onnx_card(onnx_path)
+    source, calibration = (onnx_path, {}) if cfg.precision != "int8" else _int8_source(onnx_path, out, card, cfg)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, onnx_path, logger)
+    network, _parser = _parse(trt, builder, source.read_bytes(), logger, strongly_typed=cfg.precision == "int8")
     if network.num_inputs != 1:
         raise ExportError(f"expected one input, the model has {network.num_inputs}")
     inp = network.get_input(0)
-    c = card.input_size
     if card.input_name is not None and inp.name != card.input_name:
         raise ExportError(f"the card names input {card.input_name!r}, the network's is {inp.name!r}")
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
-    p = cfg.profile
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib << 20)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(inp.name, (p.min_batch, 3, c, c), (p.opt_batch, 3, c, c), (p.max_batch, 3, c, c))
-    config.add_optimization_profile(profile)
-
-    calibration: dict[str, Any] = {}
-    calibrator: Any = None
-    if cfg.precision in ("fp16", "int8"):
-        flag = getattr(trt.BuilderFlag, "FP16", None)
-        if flag is None:
-            raise ExportError(
-                f"TensorRT {trt.__version__} has no FP16 builder flag (weak typing was removed); build fp32, or "
-                "convert the ONNX to mixed precision first (NVIDIA ModelOpt AutoCast) and build that as fp32"
-            )
-        config.set_flag(flag)  # int8 also allows fp16 for layers without int8 kernels
-    if cfg.precision == "int8":
-        int8 = getattr(trt.BuilderFlag, "INT8", None)
-        if int8 is None:
-            raise ExportError(
-                f"TensorRT {trt.__version__} has no INT8 builder flag; quantize the ONNX explicitly (Q/DQ)"
-            )
-        cached = cfg.calibration_cache is not None and cfg.calibration_cache.is_file()
-        if cfg.calibration_images is None and not cached:
-            raise ExportError("int8 needs --calibration-images (or an existing --calibration-cache)")
-        chips = (
-            calibration_chips(cfg.calibration_images, card, cfg.calibration_chips)
-            if cfg.calibration_images is not None
-            else np.zeros((0, 3, c, c), np.float32)
-        )
-        batch = min(p.opt_batch, max(1, chips.shape[0]))
-        config.set_flag(int8)
-        # Held in a local until the build returns: the binding may not keep the Python object alive.
-        calibrator = _make_calibrator(trt, chips, batch, cfg.calibration_cache, inp.name)
-        config.int8_calibrator = calibrator
-        # Dynamic shapes: calibration runs at one shape, given by a profile whose min = opt = max.
-        calib_profile = builder.create_optimization_profile()
-        shape = (batch, 3, c, c)
-        calib_profile.set_shape(inp.name, shape, shape, shape)
-        config.set_calibration_profile(calib_profile)
-        calibration = {
-            "algorithm": "IInt8EntropyCalibrator2",
-            "chips": int(chips.shape[0]),
-            "batch": batch,
-            "images": str(cfg.calibration_images) if cfg.calibration_images else None,
-            "cache": str(cfg.calibration_cache) if cfg.calibration_cache else None,
-        }
-
-    cache_bytes = cfg.timing_cache.read_bytes() if cfg.timing_cache and cfg.timing_cache.is_file() else b""
-    timing_cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
-        log.warning("timing cache %s does not match this TensorRT/GPU; starting a fresh one", cfg.timing_cache)
-        timing_cache = config.create_timing_cache(b"")
-        config.set_timing_cache(timing_cache, ignore_mismatch=False)
-
+    config = _builder_config(trt, builder, inp.name, card.input_size, cfg)
     serialized = builder.build_serialized_network(network, config)
-    del calibrator  # the build is done with it
     if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
+        raise ExportError(f"TensorRT failed to build an engine from {source}; see the TensorRT log above")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(bytes(memoryview(serialized)))
     if cfg.timing_cache is not None:
         cfg.timing_cache.parent.mkdir(parents=True, exist_ok=True)
         cfg.timing_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-
     gpu_name, cc = device_identity()
     manifest = EngineManifest(
         tensorrt_version=trt.__version__,
         gpu_name=gpu_name,
         compute_capability=cc,
         precision=cfg.precision,
-        profile=p,
+        profile=cfg.profile,
         input_name=inp.name,
         output_names=tuple(card.output_names or outputs),
         onnx_file=onnx_path.name,
@@ -330,7 +338,15 @@ def add_tensorrt_arguments(parser: Any) -> None:
     g.add_argument("--timing-cache", type=Path, default=None, help="timing cache file (read, then updated)")
     g.add_argument("--calibration-images", type=Path, default=None, help="sample images folder (int8)")
     g.add_argument("--calibration-chips", type=int, default=256, help="chips cut for int8 calibration")
-    g.add_argument("--calibration-cache", type=Path, default=None, help="int8 calibration cache file")
+    g.add_argument(
+        "--calibration-cache",
+        type=Path,
+        default=None,
+        help="int8: the calibrated Q/DQ ONNX (written; reused if present)",
+    )
+    g.add_argument(
+        "--calibration-method", choices=sorted(CALIBRATION_METHODS), default="entropy", help="int8 calibration"
+    )
     g.add_argument("--parity-chips", type=int, default=16, help="random chips for the ORT parity check (0: skip)")
 
 
@@ -356,6 +372,7 @@ def run_cli(args: Any) -> int:
             calibration_images=args.calibration_images,
             calibration_chips=args.calibration_chips,
             calibration_cache=args.calibration_cache,
+            calibration_method=args.calibration_method,
         )
         report = build_engine(args.onnx, engine, cfg)
     except (ExportError, ValueError) as exc:

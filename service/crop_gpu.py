@@ -2,8 +2,9 @@
 normalised and cut straight into a device batch buffer (for example :attr:`TensorRTEngine.input_device`).
 
 Used by :class:`service.staging.DeviceStaging` when the engine takes chips on the device (TensorRT):
-:func:`levels_to_device` when a request is prepared, :func:`crop_to_device` (through
-``TensorRTEngine.infer_staged``) for every batch, on the engine thread.
+:func:`levels_to_device` when a request is prepared (on the preparing thread's ``levels`` stream, synchronised),
+:func:`crop_to_device` (through ``TensorRTEngine.infer_staged``) for every batch, on the engine thread, on the
+engine's crop stream, with TensorRT's stream ordered after it by an event (:mod:`service.cuda_streams`).
 
 Status: written against CuPy's documented ``RawModule`` API. The kernels' CUDA source is compiled to PTX with
 ``nvcc`` and, in every test run, compiled for the CPU and run through this module's host code by the tests'
@@ -227,7 +228,9 @@ def crop_to_device(
     level_images: list[Any], chips: np.ndarray, norm: Normalizer, out: Any, block: tuple[int, int] = (32, 8)
 ) -> Any:
     """Write chips ``chips`` (``int [K, 3]`` level, x0, y0) of the device ``level_images`` into ``out``
-    (``cupy float32 [>= K, 3, C, C]``, e.g. an engine's input buffer), normalised, padded past each level."""
+    (``cupy float32 [>= K, 3, C, C]``, e.g. an engine's input buffer), normalised, padded past each level.
+    Enqueued on the *current* stream (the caller's ``with stream:``) and not waited for: the caller orders its
+    readers after it (``TensorRTEngine.infer_staged``: TensorRT's stream waits on an event recorded after it)."""
     import cupy as cp
 
     k, c = int(chips.shape[0]), int(out.shape[-1])
@@ -250,12 +253,17 @@ def crop_to_device(
 
 
 def levels_to_device(image: np.ndarray, plan: ChipPlan) -> list[Any]:
-    """Upload ``image`` (``uint8 [H, W, 3]`` RGB) once and resize every level of ``plan`` on the device; returns
-    when the levels are complete (the stream is synchronised), so any thread may crop from them afterwards."""
+    """Upload ``image`` (``uint8 [H, W, 3]`` RGB) once and resize every level of ``plan`` on the device, on this
+    thread's ``levels`` stream (:mod:`service.cuda_streams`); returns when the levels are complete (that stream is
+    synchronised), so any stream on any thread may crop from them afterwards."""
     import cupy as cp
 
-    levels = resize_levels_gpu(cp.asarray(np.ascontiguousarray(image)), plan)
-    cp.cuda.get_current_stream().synchronize()
+    from service.cuda_streams import stage_stream
+
+    stream = stage_stream("levels")
+    with stream:
+        levels = resize_levels_gpu(cp.asarray(np.ascontiguousarray(image)), plan)
+    stream.synchronize()
     return levels
 
 
@@ -266,7 +274,13 @@ def preprocess_to_device(image: np.ndarray, plan: ChipPlan, norm: Normalizer, ou
     documented resize tolerance (module docstring)."""
     import cupy as cp
 
+    from service.cuda_streams import stage_stream
+
     levels = levels_to_device(image, plan)
-    if out is None:
-        out = cp.empty((plan.num_chips, 3, plan.chip_size, plan.chip_size), cp.float32)
-    return crop_to_device(levels, plan.chips, norm, out)
+    stream = stage_stream("levels")
+    with stream:
+        if out is None:
+            out = cp.empty((plan.num_chips, 3, plan.chip_size, plan.chip_size), cp.float32)
+        chips = crop_to_device(levels, plan.chips, norm, out)
+    stream.synchronize()  # complete when returned: the caller may read it on any stream
+    return chips

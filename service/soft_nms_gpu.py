@@ -252,32 +252,37 @@ def soft_nms_groups_gpu(
         return np.empty(0, np.int64), np.empty(0, np.float32)
     import cupy as cp
 
-    g = offsets.size - 1
-    d_boxes = cp.asarray(boxes[order].astype(np.float64))  # [M, 4], same float32 -> float64 as the reference
-    d_scores = cp.asarray(scores[order].astype(np.float64))  # [M]
-    d_alive = cp.ones(order.size, cp.uint8)
-    d_offsets = cp.asarray(offsets)
-    d_keep = cp.empty(order.size, cp.int64)
-    d_kept = cp.empty(order.size, cp.float64)
-    d_counts = cp.empty(g, cp.int64)
-    _kernel()(
-        (g,),
-        (block_threads,),
-        (
-            d_boxes,
-            d_scores,
-            d_alive,
-            d_offsets,
-            np.int32(METHOD_CODES[method]),
-            np.float64(sigma),
-            np.float64(iou_threshold),
-            np.float64(score_threshold),
-            d_keep,
-            d_kept,
-            d_counts,
-        ),
-    )
-    keep_local, kept64, counts = d_keep.get(), d_kept.get(), d_counts.get()
+    from service.cuda_streams import stage_stream
+
+    # This thread's soft-NMS stream, not the legacy default one (which would serialise with every other stage);
+    # the get()s below copy on it and wait for it, so the results are complete when read.
+    with stage_stream("soft_nms"):
+        g = offsets.size - 1
+        d_boxes = cp.asarray(boxes[order].astype(np.float64))  # [M, 4], same float32 -> float64 as the reference
+        d_scores = cp.asarray(scores[order].astype(np.float64))  # [M]
+        d_alive = cp.ones(order.size, cp.uint8)
+        d_offsets = cp.asarray(offsets)
+        d_keep = cp.empty(order.size, cp.int64)
+        d_kept = cp.empty(order.size, cp.float64)
+        d_counts = cp.empty(g, cp.int64)
+        _kernel()(
+            (g,),
+            (block_threads,),
+            (
+                d_boxes,
+                d_scores,
+                d_alive,
+                d_offsets,
+                np.int32(METHOD_CODES[method]),
+                np.float64(sigma),
+                np.float64(iou_threshold),
+                np.float64(score_threshold),
+                d_keep,
+                d_kept,
+                d_counts,
+            ),
+        )
+        keep_local, kept64, counts = d_keep.get(), d_kept.get(), d_counts.get()
     return assemble(order, offsets, keep_local, kept64, counts)
 
 

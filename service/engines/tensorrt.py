@@ -7,10 +7,13 @@ Per call: the batch is split into pieces of at most the profile's max batch (pie
 padded with zeros and the padding's outputs dropped); each piece is copied into a pinned host buffer, then
 asynchronously into a device buffer allocated once for the largest batch, the input shape is set, the engine
 runs with ``execute_async_v3`` on the engine's own CUDA stream, outputs come back into pinned host buffers
-and the stream is synchronised. Tensor addresses never change, so they are set once at load time.
+and the stream is synchronised (so the next call's writes to the input buffer cannot overtake this call's
+reads). Tensor addresses never change, so they are set once at load time.
 :meth:`TensorRTEngine.infer_staged` is the GPU pre-processing path (:class:`service.staging.DeviceStaging`): the
 crop kernel writes a batch's chips from device-resident level images straight into
-:attr:`TensorRTEngine.input_device`, and the engine runs them, with no host copy of the batch.
+:attr:`TensorRTEngine.input_device` on the runner's crop stream, TensorRT's stream waits for an event recorded
+after it, and the engine runs them, with no host copy of the batch. :meth:`TensorRTEngine.close` takes the
+engine's lock, so it waits for a call in progress instead of freeing buffers under it.
 
 TensorRT and CuPy are imported only in :class:`CudaRunner` and :meth:`TensorRTEngine.infer_staged`, never at
 module import.
@@ -115,11 +118,12 @@ class TensorRTEngine:
         batch = np.ascontiguousarray(batch, np.float32)
         parts: list[list[np.ndarray]] = []
         with self._lock:
+            runner = self._runner_or_raise()
             for p in split_batch(batch.shape[0], self.profile.min_batch, self.profile.max_batch):
                 rows = batch[p.start : p.stop]
                 if p.run > rows.shape[0]:  # below the profile's min batch: zero rows, outputs dropped below
                     rows = np.concatenate([rows, np.zeros((p.run - rows.shape[0], *rows.shape[1:]), np.float32)])
-                outs = self._runner.run(rows)
+                outs = runner.run(rows)
                 parts.append([o[: p.stop - p.start] for o in outs])
         if len(parts) == 1:
             return parts[0]
@@ -135,21 +139,34 @@ class TensorRTEngine:
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"chips must number 1..{self.max_batch}, got {n}")
         dev = self.input_device
-        run_device = getattr(self._runner, "run_device", None)
+        run_device = getattr(self._runner_or_raise(), "run_device", None)
         if dev is None or run_device is None:
             raise RuntimeError("this engine's runner has no device input buffer")
         run = max(n, self.profile.min_batch)
         with self._lock:
-            crop_gpu.crop_to_device(level_images, chips, norm, dev)
-            if run > n:  # below the profile's min batch: zero rows, their outputs dropped below
-                dev[n:run].fill(0)
-            outs = run_device(run)
+            # The crop runs on the runner's crop stream; TensorRT's stream waits for the event recorded after it
+            # (without that wait TensorRT could read the buffer before the chips are in it).
+            stream = self._runner_or_raise().crop_stream  # type: ignore[attr-defined]
+            with stream:
+                crop_gpu.crop_to_device(level_images, chips, norm, dev)
+                if run > n:  # below the profile's min batch: zero rows, their outputs dropped below
+                    dev[n:run].fill(0)
+                ready = stream.record()
+            outs = run_device(run, ready)
         return [o[:n] for o in outs]
 
+    def _runner_or_raise(self) -> Runner:
+        runner: Runner | None = vars(self).get("_runner")
+        if runner is None:
+            raise RuntimeError("the TensorRT engine is closed")
+        return runner
+
     def close(self) -> None:
-        runner = vars(self).pop("_runner", None)  # idempotent
-        if runner is not None:
-            runner.close()
+        """Release the engine; waits for a call in progress (under the lock), idempotent."""
+        with self._lock:
+            runner = vars(self).pop("_runner", None)
+            if runner is not None:
+                runner.close()
 
 
 def device_identity() -> tuple[str, str]:
@@ -195,8 +212,10 @@ class CudaRunner:
             )
         self._check_io(trt, manifest, card)
         self.context = self.engine.create_execution_context()
-        # Non-blocking: no implicit synchronisation with the legacy default stream other libraries may use.
+        # Non-blocking: no implicit synchronisation with the legacy default stream other libraries may use. One
+        # stream for TensorRT (and the copies around it), one for the crop kernel writing its input buffer.
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self.crop_stream = cp.cuda.Stream(non_blocking=True)
         self._allocate(trt, cupyx, card.input_size)
 
     def _check_io(self, trt: Any, manifest: EngineManifest, card: ModelCard) -> None:
@@ -269,9 +288,9 @@ class CudaRunner:
         )
         return self._execute(n)
 
-    def run_device(self, n: int) -> list[np.ndarray]:
-        # Pre-processing wrote input_device on the current (null/default) stream: order our stream after it.
-        self.stream.wait_event(self._cp.cuda.get_current_stream().record())
+    def run_device(self, n: int, ready: Any) -> list[np.ndarray]:
+        """Run rows ``:n`` of :attr:`input_device`, written by work that ``ready`` (a CUDA event) marks the end of."""
+        self.stream.wait_event(ready)  # TensorRT's reads of the input wait for the crop kernel's writes
         return self._execute(n)
 
     def close(self) -> None:

@@ -98,7 +98,8 @@ class Kernel:
         keep.append(cell)
         return int(cell.ctypes.data)
 
-    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], **_: Any) -> None:
+    def check(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> Any:
+        """Validate a launch (argument count and kinds, launch configuration); returns the parameter block."""
         if len(args) != len(self.signature):
             raise TypeError(f"{self.name} takes {len(self.signature)} arguments, got {len(args)}")
         g = (tuple(grid) + (1, 1))[:3]
@@ -107,6 +108,10 @@ class Kernel:
             raise ValueError(f"invalid launch configuration grid={grid} block={block}")
         keep: list[Any] = []
         params = (ctypes.c_void_p * len(args))(*(self._param(i, a, keep) for i, a in enumerate(args)))
+        return g, b, params, keep
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], **_: Any) -> None:
+        g, b, params, _keep = self.check(grid, block, args)
         with _lock:
             global _launches
             _launches += 1

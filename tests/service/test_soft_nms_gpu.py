@@ -227,8 +227,9 @@ def test_emulation_reports_a_divergent_barrier(fake_cupy: types.ModuleType) -> N
     """
     kernel = fake_cupy.RawKernel(src, "divergent", options=("--fmad=false",))
     out = fake_cupy.empty(64, np.int32)
+    kernel((1,), (64,), (out,))  # launches are asynchronous: the fault shows when the stream is waited for
     with pytest.raises(RuntimeError, match="barrier deadlock"):
-        kernel((1,), (64,), (out,))
+        out.get()
 
 
 def test_emulation_checks_argument_types(fake_cupy: types.ModuleType) -> None:

@@ -26,6 +26,7 @@ from service.modelcard import ModelCard
 from service.options import DetectOptions
 from service.plan import ChipPlan, LevelSpec, PlanConfig, PlanError, levels_for_object_range, plan
 from service.postprocess import Detections, merge, postprocess
+from service.soft_nms_gpu import CPU_ONLY, SoftNmsDispatch, require_gpu
 from service.staging import BatchPart, Preprocess, Staging, select_staging
 
 
@@ -74,7 +75,12 @@ class Pipeline:
     """Stages bound to one engine and its model card. Thread-safe: holds no per-request state."""
 
     def __init__(
-        self, engine: Engine, max_chips: int = 4096, edge_margin: float = 2.0, preprocess: Preprocess = "auto"
+        self,
+        engine: Engine,
+        max_chips: int = 4096,
+        edge_margin: float = 2.0,
+        preprocess: Preprocess = "auto",
+        soft_nms: SoftNmsDispatch = CPU_ONLY,
     ) -> None:
         self.engine = engine
         self.card: ModelCard = engine.card
@@ -84,6 +90,8 @@ class Pipeline:
         self.edge_margin = edge_margin
         # Where resizing and cropping run (service.staging): on the GPU when the engine takes device input.
         self.staging: Staging = select_staging(engine, self.norm, preprocess)
+        require_gpu(soft_nms)  # an explicit GPU soft-NMS that cannot run fails here, at startup
+        self.soft_nms = soft_nms
 
     @classmethod
     def load(
@@ -181,7 +189,7 @@ class Pipeline:
         t0 = time.perf_counter()
         dets = postprocess(chip_dets, prepared.plan, edge_filter=options.edge_filter, classes=options.classes)
         t1 = time.perf_counter()
-        merged = merge(dets, options.merge, prepared.threshold, options.max_detections)
+        merged = merge(dets, options.merge, prepared.threshold, options.max_detections, self.soft_nms)
         t2 = time.perf_counter()
         prepared.timings |= {"postprocess": t1 - t0, "merge": t2 - t1}
         return Result(prepared.plan.image_size, merged, prepared.plan, prepared.timings)

@@ -13,7 +13,7 @@ from service.adapters import ChipDetections
 from service.options import MergeConfig
 from service.plan import ChipPlan
 from service.soft_nms import SoftNMSParams
-from service.soft_nms_gpu import batched_soft_nms_auto
+from service.soft_nms_gpu import CPU_ONLY, SoftNmsDispatch, batched_soft_nms_auto
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,20 @@ def valid_range_mask(dets: Detections, plan: ChipPlan) -> np.ndarray:
     return np.asarray((area > lo2) & (area <= hi * hi) & (area > 0))
 
 
-def merge(dets: Detections, config: MergeConfig, score_threshold: float, max_detections: int) -> Detections:
+def merge(
+    dets: Detections,
+    config: MergeConfig,
+    score_threshold: float,
+    max_detections: int,
+    dispatch: SoftNmsDispatch = CPU_ONLY,
+) -> Detections:
     """Soft-NMS across all chips and levels, per class (or class-agnostic), best first, capped."""
     if len(dets) == 0:
         return dets
     groups = np.zeros(len(dets), np.int32) if config.class_agnostic else dets.classes
-    # GPU kernel when CuPy and a device are present, else the NumPy reference itself (same result).
+    # The GPU kernel where ``dispatch`` chooses it (opt-in, by size), else the NumPy reference (same result).
     params = SoftNMSParams(config.method, config.sigma, config.iou_threshold, score_threshold)
-    keep, kept = batched_soft_nms_auto(dets.boxes, dets.scores, groups, params)
+    keep, kept = batched_soft_nms_auto(dets.boxes, dets.scores, groups, params, dispatch)
     keep, kept = keep[:max_detections], kept[:max_detections]
     out = dets.select(keep)
     return Detections(out.boxes, kept.astype(np.float32), out.classes, out.levels)

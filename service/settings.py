@@ -21,6 +21,7 @@ from service.decode import DecodeConfig
 from service.engines import EngineConfig, Provider
 from service.http.transport import TransportConfig
 from service.security import resolve_model_path
+from service.soft_nms_gpu import SoftNmsDispatch
 
 
 def from_config(config: type[BaseModel], name: str, **overrides: Any) -> Any:
@@ -69,7 +70,19 @@ class Settings(BaseSettings):
     preprocess: Literal["auto", "cpu", "gpu"] = Field(
         default="auto",
         description="Where levels are resized and chips cut: gpu (into a TensorRT engine's device input), cpu, "
-        "or auto (gpu where the engine takes device input, else cpu). gpu fails at startup if it cannot.",
+        "or auto (gpu where the engine takes device input, else cpu). With a TensorRT engine, gpu and auto fail "
+        "at startup when the kernels cannot compile (never a silent switch to the CPU).",
+    )
+    soft_nms_device: Literal["cpu", "gpu"] = Field(
+        default="cpu",
+        description="Where soft-NMS runs: cpu (NumPy), or gpu (the CUDA kernel, within the size thresholds below; "
+        "fails at startup if it cannot run). cpu until the GPU's speed is measured (scripts/gpu_check.py).",
+    )
+    soft_nms_gpu_min_boxes: int = Field(
+        default=0, ge=0, description="GPU soft-NMS only for at least this many candidates (gpu_check's crossover)."
+    )
+    soft_nms_gpu_max_group: int | None = Field(
+        default=None, ge=1, description="GPU soft-NMS only while no class has more candidates than this."
     )
     # batching and admission (service.batch.BatcherConfig; max_batch also bounds EngineConfig.max_batch)
     max_batch: int = from_config(BatcherConfig, "max_batch")
@@ -165,6 +178,13 @@ class Settings(BaseSettings):
         fields = set(TransportConfig.model_fields) - {"max_body_bytes"}
         return TransportConfig(
             max_body_bytes=self.max_image_bytes + 1024 * 1024, **{name: getattr(self, name) for name in fields}
+        )
+
+    def soft_nms_dispatch(self) -> SoftNmsDispatch:
+        return SoftNmsDispatch(
+            device=self.soft_nms_device,
+            min_boxes=self.soft_nms_gpu_min_boxes,
+            max_group=self.soft_nms_gpu_max_group,
         )
 
     def decode_config(self) -> DecodeConfig:

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from service.errors import ModelLoadError
 from service.soft_nms import _METHODS, SoftNMSParams, batched_soft_nms, join_groups
 
 log = logging.getLogger("snipserve.soft_nms_gpu")
@@ -301,11 +303,59 @@ def assemble(
     return join_groups(keeps, kepts)
 
 
+class SoftNmsDispatch(BaseModel):
+    """Where the soft-NMS merge runs. NumPy by default: the GPU kernel's speed has never been measured, and
+    choosing it blindly could make the merge slower (one block per group: a single large class costs
+    O(kept x group / threads) on one SM). ``scripts/gpu_check.py`` measures both at several sizes and writes the
+    crossover as ``min_boxes`` / ``max_group`` (``SNIPSERVE_SOFT_NMS_GPU_MIN_BOXES`` / ``..._MAX_GROUP``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device: Literal["cpu", "gpu"] = Field(
+        default="cpu", description="cpu: NumPy always; gpu: the CUDA kernel inside the size range below."
+    )
+    min_boxes: int = Field(default=0, ge=0, description="GPU only for at least this many candidates in all.")
+    max_group: int | None = Field(
+        default=None, ge=1, description="GPU only while no group (class) has more candidates than this."
+    )
+
+    def wants_gpu(self, scores: np.ndarray, groups: np.ndarray, score_threshold: float) -> bool:
+        """True when this merge (``scores`` ``float32 [N]``, ``groups`` ``int [N]``) falls in the GPU's range."""
+        if self.device != "gpu" or scores.size == 0:
+            return False
+        live = groups[scores >= score_threshold]
+        if live.size < max(self.min_boxes, 1):
+            return False
+        if self.max_group is None:
+            return True
+        _, counts = np.unique(live, return_counts=True)
+        return int(counts.max()) <= self.max_group
+
+
+CPU_ONLY = SoftNmsDispatch()
+
+
+def require_gpu(dispatch: SoftNmsDispatch) -> None:
+    """At startup: ``device="gpu"`` needs CuPy, a device and a kernel that compiles; else :class:`ModelLoadError`
+    (an explicit GPU choice never degrades silently)."""
+    if dispatch.device == "gpu" and not gpu_available():
+        raise ModelLoadError(
+            "SNIPSERVE_SOFT_NMS_DEVICE=gpu, but the GPU soft-NMS kernel cannot run here (CuPy, a CUDA device and "
+            "NVRTC with the CUDA headers are needed; the log above says which failed). Use "
+            "SNIPSERVE_SOFT_NMS_DEVICE=cpu."
+        )
+
+
 def batched_soft_nms_auto(
-    boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, params: SoftNMSParams | None = None
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray,
+    params: SoftNMSParams | None = None,
+    dispatch: SoftNmsDispatch = CPU_ONLY,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`service.soft_nms.batched_soft_nms` on the GPU when CuPy and a device are present (checked once per
-    process), else the NumPy function itself, unchanged. Same arguments, same result."""
-    if len(scores) and gpu_available():
+    """:func:`service.soft_nms.batched_soft_nms` on the GPU where ``dispatch`` says so (and a device works,
+    checked once per process), else the NumPy function itself, unchanged. Same arguments, same result."""
+    threshold = (params or SoftNMSParams()).score_threshold
+    if dispatch.wants_gpu(np.asarray(scores), np.asarray(groups), threshold) and gpu_available():
         return soft_nms_groups_gpu(boxes, scores, groups, params)
     return batched_soft_nms(boxes, scores, groups, params)

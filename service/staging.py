@@ -11,7 +11,7 @@
 Both are used the same way by :class:`~service.batch.Batcher` and :class:`~service.pipeline.Pipeline`:
 ``levels`` when a request is prepared, ``fill`` on a preparation thread (host work), ``infer`` on the engine
 thread. :func:`select_staging` picks one from the ``preprocess`` setting (``auto``: the device when the engine
-can take chips on the device, else the host).
+can take chips on the device, else the host; kernels that cannot compile then fail the startup, loudly).
 
 Status of the device path: the kernels' CUDA source runs in every CI run, compiled for the CPU by the tests'
 CUDA emulation, through this code; it has not run on a GPU yet (README, GPU path).
@@ -149,7 +149,9 @@ def device_capable(engine: Engine) -> bool:
 
 def select_staging(engine: Engine, norm: Normalizer, preprocess: Preprocess = "auto") -> Staging:
     """The staging ``preprocess`` asks for: ``cpu``, ``gpu`` (fails with :class:`ModelLoadError` when the engine or
-    the GPU kernels cannot do it) or ``auto`` (the GPU where possible, else the CPU, with the reason logged)."""
+    the GPU kernels cannot do it) or ``auto`` (the GPU when the engine takes chips on the device, else the CPU).
+    With ``auto`` on such an engine, kernels that fail to compile are a startup failure too, never a silent
+    switch to the CPU: the error says how to fix the toolchain or to choose ``cpu`` explicitly."""
     if preprocess == "cpu":
         return HostStaging(engine, norm)
     if not device_capable(engine):
@@ -161,8 +163,13 @@ def select_staging(engine: Engine, norm: Normalizer, preprocess: Preprocess = "a
         return HostStaging(engine, norm)
     try:
         return DeviceStaging(engine, norm)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - any CuPy/NVRTC failure: the CPU path still works
-        if preprocess == "gpu":
-            raise ModelLoadError(f"preprocess=gpu: the GPU pre-processing kernels failed to load: {exc}") from exc
-        log.warning("GPU pre-processing unavailable, cropping on the CPU: %s: %s", type(exc).__name__, exc)
-        return HostStaging(engine, norm)
+    except Exception as exc:  # noqa: BLE001 - any CuPy/NVRTC failure
+        # Not a silent switch to the CPU, for auto either: a GPU engine whose kernels cannot compile is a broken
+        # install (most often CUDA headers missing for NVRTC), and serving on would hide it behind slower numbers.
+        raise ModelLoadError(
+            f"preprocess={preprocess}: the GPU pre-processing kernels failed to compile or load "
+            f"({type(exc).__name__}: {exc}). CuPy compiles them with NVRTC, which needs the CUDA runtime headers "
+            "(cuda_runtime.h, cuda_fp16.h): the Docker gpu image ships them; on a bare host install the CUDA "
+            "toolkit's cuda-cudart-dev and cuda-nvrtc packages or pip install 'cupy-cuda12x[ctk]'. "
+            "Or set SNIPSERVE_PREPROCESS=cpu to pre-process on the CPU."
+        ) from exc

@@ -292,7 +292,7 @@ def detect_tiled(
                 on_window(n, len(windows))
     t = time.perf_counter()
     everything = _concat(parts)
-    merged = merge(everything, options.merge, pipeline.threshold(options), max(1, len(everything)))
+    merged = merge(everything, options.merge, pipeline.threshold(options), max(1, len(everything)), pipeline.soft_nms)
     timings["merge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return tiled_response(merged, pipeline, TiledRun(size, geo, len(windows), chips, timings))

@@ -102,7 +102,9 @@ async def start_serving(state: State, engine: Engine) -> None:
     """Pipeline and batcher over ``engine``, warm-up, then ready."""
     settings = state.settings
     state.engine = engine
-    state.pipeline = pipeline = Pipeline(engine, max_chips=settings.max_chips, preprocess=settings.preprocess)
+    state.pipeline = pipeline = Pipeline(
+        engine, max_chips=settings.max_chips, preprocess=settings.preprocess, soft_nms=settings.soft_nms_dispatch()
+    )
     state.batcher = batcher = Batcher(
         engine, pipeline.adapter, pipeline.norm, settings.batcher_config(), pipeline.staging
     )

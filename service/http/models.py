@@ -30,6 +30,7 @@ def models_router() -> APIRouter:
                         "static_batch": getattr(engine, "static_batch", None),
                         "notes": [n for n in (static_batch_note(engine),) if n is not None],
                         "preprocess": state.pipeline.staging.name if state.pipeline is not None else None,
+                        "soft_nms": state.pipeline.soft_nms.model_dump() if state.pipeline is not None else None,
                     },
                 }
             ]

@@ -91,6 +91,7 @@ class _Stream:
                 deps.append(dev.null.last)
             dev.seq += 1
             self.last = _Op(dev.seq, fn, deps)
+            dev.history.append(self.ptr)
 
     def record(self, event: _Event | None = None) -> _Event:
         event = event or _Event()
@@ -124,6 +125,7 @@ class _Device:
         self.local = threading.local()
         self.streams: dict[int, _Stream] = {}
         self.seq = 0
+        self.history: list[int] = []  # the stream handle of every enqueued operation, in issue order
         self._next_ptr = 0x7F00_0000
         self.null: _Stream
 
@@ -321,6 +323,11 @@ def make_cupy() -> tuple[types.ModuleType, types.ModuleType]:
 def synchronize() -> None:
     """Run every pending operation (what a test does before it inspects device memory directly)."""
     _device().synchronize()
+
+
+def stream_history() -> list[int]:
+    """The stream handle (0: the legacy default stream) of every operation enqueued since ``make_cupy()``."""
+    return list(_device().history)
 
 
 # ---- tensorrt --------------------------------------------------------------------------------------------------

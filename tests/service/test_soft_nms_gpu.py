@@ -23,6 +23,7 @@ from service.soft_nms import SoftNMSParams, batched_soft_nms
 from service.soft_nms_gpu import (
     COMPILE_OPTIONS,
     KERNEL_SOURCE,
+    SoftNmsDispatch,
     batched_soft_nms_auto,
     group_candidates,
 )
@@ -77,7 +78,7 @@ def test_dispatcher_falls_back_to_numpy_without_cupy(monkeypatch: pytest.MonkeyP
 
         monkeypatch.setattr(soft_nms_gpu, "soft_nms_groups_gpu", no_gpu)
         boxes, scores, groups = random_case(np.random.default_rng(1), 300)
-        got = batched_soft_nms_auto(boxes, scores, groups, SoftNMSParams("gaussian", 0.5, 0.3, 0.001))
+        got = batched_soft_nms_auto(boxes, scores, groups, SoftNMSParams("gaussian", 0.5, 0.3, 0.001), GPU)
         want = batched_soft_nms(boxes, scores, groups, SoftNMSParams("gaussian", 0.5, 0.3, 0.001))
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
@@ -90,8 +91,48 @@ def test_dispatcher_does_not_probe_the_gpu_for_empty_input(monkeypatch: pytest.M
         raise AssertionError("probed")
 
     monkeypatch.setattr(soft_nms_gpu, "gpu_available", probe)
-    keep, kept = batched_soft_nms_auto(np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32))
+    empty = np.empty((0, 4), np.float32), np.empty(0, np.float32), np.empty(0, np.int32)
+    keep, kept = batched_soft_nms_auto(*empty, dispatch=GPU)
     assert keep.size == 0 and kept.size == 0
+
+
+GPU = SoftNmsDispatch(device="gpu")
+
+
+def test_numpy_by_default_even_with_a_device(fake_cupy: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU kernel's speed is unmeasured: the default merge never chooses it, even where it would run."""
+
+    def no_gpu(*args: object, **kwargs: object) -> None:
+        raise AssertionError("GPU soft-NMS chosen by default")
+
+    assert soft_nms_gpu.gpu_available()  # a device is there (emulated) ...
+    monkeypatch.setattr(soft_nms_gpu, "soft_nms_groups_gpu", no_gpu)
+    boxes, scores, groups = random_case(np.random.default_rng(4), 200, classes=3)
+    got = batched_soft_nms_auto(boxes, scores, groups)  # ... and still NumPy
+    np.testing.assert_array_equal(got[0], batched_soft_nms(boxes, scores, groups)[0])
+
+
+def test_dispatch_by_size_thresholds() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.0005], np.float32)
+    groups = np.array([0, 0, 0, 1, 1])
+    assert not SoftNmsDispatch().wants_gpu(scores, groups, 0.001)
+    assert SoftNmsDispatch(device="gpu").wants_gpu(scores, groups, 0.001)
+    assert SoftNmsDispatch(device="gpu", min_boxes=4).wants_gpu(scores, groups, 0.001)
+    assert not SoftNmsDispatch(device="gpu", min_boxes=5).wants_gpu(scores, groups, 0.001)  # 4 candidates
+    assert SoftNmsDispatch(device="gpu", max_group=3).wants_gpu(scores, groups, 0.001)
+    assert not SoftNmsDispatch(device="gpu", max_group=2).wants_gpu(scores, groups, 0.001)  # class 0 has 3
+    assert not SoftNmsDispatch(device="gpu").wants_gpu(scores, groups, 0.95)  # no candidates
+
+
+def test_explicit_gpu_soft_nms_that_cannot_run_fails_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.engine import FakeEngine
+    from service.errors import ModelLoadError
+    from service.pipeline import Pipeline
+
+    monkeypatch.setattr(soft_nms_gpu, "gpu_available", lambda: False)
+    with pytest.raises(ModelLoadError, match="SNIPSERVE_SOFT_NMS_DEVICE=gpu, but the GPU soft-NMS kernel cannot run"):
+        Pipeline(FakeEngine(), soft_nms=GPU)
+    assert Pipeline(FakeEngine()).soft_nms.device == "cpu"
 
 
 def test_gpu_function_validates_like_numpy() -> None:
@@ -161,8 +202,9 @@ def test_dispatcher_uses_the_kernel_when_a_device_is_present(cupy_backend: types
     for i in range(6):
         method = ("gaussian", "linear", "hard")[i % 3]
         boxes, scores, groups = random_case(rng, int(rng.integers(1, 150)), classes=int(rng.integers(1, 5)))
-        got = soft_nms_gpu.batched_soft_nms_auto(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, 0.01))  # type: ignore[arg-type]
-        want = batched_soft_nms(boxes, scores, groups, SoftNMSParams(method, 0.5, 0.3, 0.01))  # type: ignore[arg-type]
+        params = SoftNMSParams(method, 0.5, 0.3, 0.01)  # type: ignore[arg-type]
+        got = soft_nms_gpu.batched_soft_nms_auto(boxes, scores, groups, params, GPU)
+        want = batched_soft_nms(boxes, scores, groups, params)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-5)
 

@@ -8,7 +8,6 @@ difference in what reaches the engine (a wrong chip, a wrong row, another reques
 from __future__ import annotations
 
 import asyncio
-import logging
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,20 +79,25 @@ def test_tensorrt_engines_stage_on_the_device(fake_trt: types.ModuleType, tmp_pa
     assert Pipeline(engine, preprocess="cpu").staging.name == "cpu"
 
 
-def test_broken_gpu_kernels_fall_back_or_fail(
-    fake_trt: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_broken_gpu_kernels_fail_the_startup_loudly(
+    fake_trt: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A TensorRT engine whose pre-processing kernels cannot compile (CuPy without CUDA headers) is a broken
+    install: auto must not switch to the CPU silently; the error names the cause and both ways out."""
     engine = trt_engine(tmp_path)
 
     def broken() -> None:
-        raise RuntimeError("nvrtc: compilation failed")
+        raise RuntimeError("Failed to find CUDA headers")
 
     monkeypatch.setattr(crop_gpu, "compile_kernels", broken)
-    with caplog.at_level(logging.WARNING, logger="snipserve.staging"):
-        assert Pipeline(engine).staging.name == "cpu"
-    assert "GPU pre-processing unavailable, cropping on the CPU: RuntimeError: nvrtc" in caplog.text
-    with pytest.raises(ModelLoadError, match="preprocess=gpu: the GPU pre-processing kernels failed to load: nvrtc"):
-        Pipeline(engine, preprocess="gpu")
+    for preprocess in ("auto", "gpu"):
+        with pytest.raises(ModelLoadError) as info:
+            Pipeline(engine, preprocess=preprocess)  # type: ignore[arg-type]
+        message = str(info.value)
+        assert f"preprocess={preprocess}: the GPU pre-processing kernels failed" in message
+        assert "RuntimeError: Failed to find CUDA headers" in message and "SNIPSERVE_PREPROCESS=cpu" in message
+        assert "cuda-cudart-dev" in message
+    assert Pipeline(engine, preprocess="cpu").staging.name == "cpu"  # the explicit choice still works
 
 
 # ---- the GPU path ------------------------------------------------------------------------------------------------

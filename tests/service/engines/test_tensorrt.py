@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,39 @@ def test_create_engine_tensorrt_without_the_gpu_extra(tmp_path: Path) -> None:
 
 
 # ---- on a GPU with TensorRT: see tests/exporters/test_tensorrt.py (builds an engine, then parity) ---------------
+
+
+class BlockingRunner(StubRunner):
+    """``run`` waits until released, so a test can close the engine while a call is in progress."""
+
+    def __init__(self, profile: BatchProfile) -> None:
+        super().__init__(profile)
+        self.started, self.release = threading.Event(), threading.Event()
+        self.closed_during_run = False
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.started.set()
+        assert self.release.wait(10)
+        self.closed_during_run = self.closed
+        return super().run(batch)
+
+
+def test_close_waits_for_the_call_in_progress() -> None:
+    """close() frees device buffers: it takes the engine's lock, so it cannot run under an inference."""
+    profile = BatchProfile(min_batch=1, opt_batch=1, max_batch=2)
+    runner = BlockingRunner(profile)
+    engine = TensorRTEngine.from_runner(FAKE_CARD, runner, make_manifest(profile=profile), 2)
+    c = FAKE_CARD.input_size
+    call = threading.Thread(target=engine.infer, args=(np.zeros((1, 3, c, c), np.float32),))
+    call.start()
+    assert runner.started.wait(10)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive() and not runner.closed  # waiting for the call
+    runner.release.set()
+    call.join(10)
+    closer.join(10)
+    assert runner.closed and not runner.closed_during_run
+    with pytest.raises(RuntimeError, match="the TensorRT engine is closed"):
+        engine.infer(np.zeros((1, 3, c, c), np.float32))

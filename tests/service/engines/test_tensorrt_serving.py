@@ -24,6 +24,7 @@ from service.options import DetectOptions
 from service.pipeline import Pipeline, Result
 from service.settings import Settings
 from service.soft_nms import box_iou_one
+from service.soft_nms_gpu import SoftNmsDispatch
 from tests.conftest import encode
 
 SHIPPED = Path(__file__).resolve().parents[3] / "models" / "snipserve_default.onnx"
@@ -69,7 +70,7 @@ def test_tensorrt_engine_with_gpu_preprocessing_matches_the_cpu_service(engine_p
     assert manifest.precision == "fp16" and manifest.card["name"] == "snipserve-default"
     engine = create_engine(engine_path, EngineConfig(kind="tensorrt", max_batch=8))
     try:
-        gpu = Pipeline(engine)
+        gpu = Pipeline(engine, soft_nms=SoftNmsDispatch(device="gpu"))  # GPU soft-NMS is opt-in
         assert gpu.staging.name == "gpu" and engine.name == "tensorrt"
         cpu = Pipeline.load(SHIPPED, EngineConfig(intra_op_threads=2, max_batch=16), preprocess="cpu")
         got = gpu.detect(image, OPTIONS)
@@ -90,6 +91,7 @@ def client(engine_path: Path) -> Iterator[TestClient]:
         models_dir=engine_path.parent,
         max_batch=8,
         preprocess="gpu",
+        soft_nms_device="gpu",
     )
     with TestClient(create_app(settings)) as c:
         yield c
@@ -107,6 +109,7 @@ def test_http_service_on_tensorrt_with_gpu_preprocessing(
         "static_batch": None,  # a TensorRT profile is a batch range, never one fixed batch
         "notes": [],
         "preprocess": "gpu",
+        "soft_nms": {"device": "gpu", "min_boxes": 0, "max_group": None},
     }
     r = client.post("/v1/detect", content=encode(image), headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text

@@ -17,6 +17,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # cupy-cuda12x; see pyproject.toml). PyPI's onnxruntime-gpu 1.27+ and the `tensorrt` meta-package (10.13.2.6+)
 # are CUDA 13 builds: moving to them means a 13.x base here, cupy-cuda13x and tensorrt-cu13 (and driver >= 580).
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# The apt suffix of the base image's CUDA major-minor (12.6 -> 12-6): the header packages below must match it.
+ARG CUDA_APT_VERSION=12-6
 
 # ---------------------------------------------------------------------------------------------------
 # Shared: the package source (the build context is filtered by .dockerignore).
@@ -70,10 +72,23 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu-base
+ARG CUDA_APT_VERSION
 # Ubuntu 24.04's Python 3.12; the venv in /opt/venv links to /usr/bin/python3 in both stages below.
+# CUDA runtime headers for NVRTC: CuPy compiles every RawKernel/RawModule (and, on CUDA 12.2+, its own kernels,
+# which include cuda_fp16.h) at run time, and the cudnn-runtime base ships the NVRTC library but no headers --
+# without them CuPy 14 raises "Failed to find CUDA headers" and the GPU pre-processing / soft-NMS cannot start.
+# cuda-cudart-dev: cuda_runtime.h, cuda_fp16.h and their include chain; cuda-cccl: nv/target, which those include;
+# cuda-nvrtc: libnvrtc + builtins (already in the base; named so a slimmer base cannot drop it). The test fails the
+# build if a header is missing.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+    cuda-cudart-dev-${CUDA_APT_VERSION} cuda-cccl-${CUDA_APT_VERSION} cuda-nvrtc-${CUDA_APT_VERSION} \
+ && rm -rf /var/lib/apt/lists/* \
+ && test -f /usr/local/cuda/include/cuda_runtime.h \
+ && test -f /usr/local/cuda/include/cuda_fp16.h \
+ && test -e /usr/local/cuda/include/nv/target \
+ && ls /usr/local/cuda/lib64/libnvrtc.so.* >/dev/null
+ENV CUDA_PATH=/usr/local/cuda
 
 FROM gpu-base AS gpu-builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -104,7 +119,8 @@ m.is_file() and shutil.copy(m, '/models/')"
 FROM gpu-base AS gpu
 RUN groupadd --system --gid 10001 snipserve \
  && useradd --system --uid 10001 --gid snipserve --home-dir /home/snipserve --create-home snipserve \
- && mkdir -p /home/snipserve/.cache && chown snipserve:snipserve /home/snipserve/.cache
+ && mkdir -p /home/snipserve/.cache /cache/trt /cache/cupy \
+ && chown snipserve:snipserve /home/snipserve/.cache /cache /cache/trt /cache/cupy
 COPY --from=gpu-builder /opt/venv /opt/venv
 COPY --from=gpu-builder --chown=snipserve:snipserve /models /models
 # ONNX Runtime's TensorRT provider dlopens libnvinfer*.so.10: put the tensorrt wheel's libraries on the path.
@@ -120,9 +136,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     SNIPSERVE_MODEL_PATH=/models/snipserve_default.onnx \
     SNIPSERVE_LOG_JSON=true \
     SNIPSERVE_PROVIDERS=tensorrt,cuda \
-    SNIPSERVE_FP16=true
+    SNIPSERVE_FP16=true \
+    SNIPSERVE_TRT_CACHE_DIR=/cache/trt \
+    CUPY_CACHE_DIR=/cache/cupy
 WORKDIR /home/snipserve
 VOLUME ["/models"]
+# TensorRT EP engines and CuPy's compiled kernels: a volume, so a restart on the same GPU rebuilds neither.
+VOLUME ["/cache"]
 EXPOSE 8000
 USER 10001:10001
 # start-period covers TensorRT engine builds on first start (minutes for large models).

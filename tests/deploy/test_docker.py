@@ -226,3 +226,30 @@ def test_service_environment_is_valid_settings(
     assert settings.models_dir == settings.model_path.parent == Path("/models")
     assert (settings.host, settings.port, settings.log_json) == ("0.0.0.0", 8000, True)
     assert settings.providers == (("cpu",) if source == "cpu" else ("tensorrt", "cuda"))
+
+
+def test_gpu_image_ships_the_cuda_headers_nvrtc_needs() -> None:
+    """CuPy compiles its kernels and ours with NVRTC at run time; the cudnn-runtime base has no CUDA headers, so
+    the gpu base stage installs them, for the base image's own CUDA major-minor, and checks they are there."""
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\S+-cudnn-runtime-", DOCKERFILE, flags=re.M)
+    apt = re.search(r"^ARG CUDA_APT_VERSION=(\S+)$", DOCKERFILE, flags=re.M)
+    assert base and apt and apt.group(1) == f"{base.group(1)}-{base.group(2)}", (base, apt)
+    gpu_base = stages()["gpu-base"].replace("\\\n", " ")
+    assert "ARG CUDA_APT_VERSION" in gpu_base
+    for package in ("cuda-cudart-dev", "cuda-cccl", "cuda-nvrtc"):
+        assert f"{package}-${{CUDA_APT_VERSION}}" in gpu_base, package
+    for header in ("cuda_runtime.h", "cuda_fp16.h", "nv/target"):
+        assert f"/usr/local/cuda/include/{header}" in gpu_base, header
+    assert "CUDA_PATH=/usr/local/cuda" in gpu_base
+
+
+def test_engine_caches_live_on_a_volume(config: dict[str, Any]) -> None:
+    gpu = stages()["gpu"]
+    env = stage_env("gpu")
+    assert env["SNIPSERVE_TRT_CACHE_DIR"] == "/cache/trt" and env["CUPY_CACHE_DIR"] == "/cache/cupy"
+    assert 'VOLUME ["/cache"]' in gpu and "chown snipserve:snipserve" in gpu and "/cache/trt" in gpu
+    svc = config["services"]["snipserve"]
+    assert svc["environment"]["SNIPSERVE_TRT_CACHE_DIR"] == "/cache/trt"
+    mounts = [v if isinstance(v, str) else f"{v['source']}:{v['target']}" for v in svc["volumes"]]
+    assert any(m.startswith("snipserve-cache:/cache") for m in mounts), mounts  # a named volume
+    assert "snipserve-cache" in config["volumes"]

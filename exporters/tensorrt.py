@@ -31,7 +31,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.engines.manifest import BatchProfile, EngineManifest, Precision, sha256_file, write_manifest
+from exporters.parity import OutputParity, Reference
+from service.engines.manifest import (
+    BatchProfile,
+    EngineManifest,
+    Precision,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from service.modelcard import ModelCard
 
 log = logging.getLogger("snipserve.exporters.tensorrt")
@@ -288,38 +296,39 @@ def build_engine(onnx_path: Path, out: Path, cfg: TensorRTExportConfig) -> Tenso
 
 @dataclass(frozen=True)
 class EngineParity:
-    """TensorRT engine vs ONNX Runtime CPU on the same chips: the largest |diff| per output."""
+    """TensorRT engine vs ONNX Runtime CPU on the same chips (:class:`exporters.parity.OutputParity`: largest
+    |diff| per output, the heatmap's where both agree on keep/drop, and its peak flips at near-ties)."""
 
-    max_abs_diff: dict[str, float]
+    outputs: OutputParity
     batches: tuple[int, ...]
 
+    @property
+    def max_abs_diff(self) -> dict[str, float]:
+        return self.outputs.max_abs_diff
+
     def summary(self) -> str:
-        diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_diff.items())
-        return f"parity vs ONNX Runtime CPU on batches {list(self.batches)}: max |diff| {diffs}"
+        return f"parity vs ONNX Runtime CPU on batches {list(self.batches)}: {self.outputs.summary()}"
 
 
 def engine_parity(engine_path: Path, onnx_path: Path, chips: np.ndarray, max_batch: int = 8) -> EngineParity:
-    """Run ``chips`` ``float32 [N, 3, C, C]`` through the engine and ONNX Runtime (CPU EP); per-output max |diff|.
-    Batch sizes 1, ``max_batch`` and ``N`` are all exercised (profile edges and splitting)."""
+    """Run ``chips`` ``float32 [N, 3, C, C]`` through the engine and ONNX Runtime (CPU EP) and compare them with
+    the near-tie handling of :mod:`exporters.parity`. Batch sizes 1, ``max_batch`` and ``N`` are all exercised
+    (profile edges and splitting)."""
     from service.engines import EngineConfig
-    from service.engines.onnxruntime import OnnxRuntimeEngine
     from service.engines.tensorrt import TensorRTEngine
 
     trt_engine = TensorRTEngine(engine_path, EngineConfig(kind="tensorrt", max_batch=max_batch))
-    ort_engine = OnnxRuntimeEngine(onnx_path, EngineConfig(max_batch=max(max_batch, chips.shape[0])))
-    names = list(ort_engine.output_names)
-    worst = dict.fromkeys(names, 0.0)
+    names = list(trt_engine.card.output_names or read_manifest(engine_path).output_names)
+    reference = Reference(onnx_path, names)
+    parity = OutputParity(names)
     batches = sorted({1, min(max_batch, chips.shape[0]), chips.shape[0]})
     try:
         for b in batches:
-            got = trt_engine.infer(chips[:b])
-            ref = ort_engine.infer(chips[:b])
-            for name, g, r in zip(names, got, ref, strict=True):
-                worst[name] = max(worst[name], float(np.max(np.abs(g.astype(np.float64) - r))))
+            want, raw = reference.run(chips[:b])
+            parity.add(trt_engine.infer(chips[:b]), want, raw)
     finally:
         trt_engine.close()
-        ort_engine.close()
-    return EngineParity(worst, tuple(batches))
+    return EngineParity(parity, tuple(batches))
 
 
 # ---- CLI: `snipserve export tensorrt` (wired in exporters/cli.py) ------------------------------------------

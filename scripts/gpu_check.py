@@ -279,7 +279,8 @@ def compile_probe() -> tuple[bool, str, dict[str, Any]]:
         PROBE.update(ok=False, reason=f"{type(exc).__name__}: {exc}"[:300])
         return False, f"{PROBE['reason']} (CUDA headers looked for in {cuda_include_dir()})", {"steps": steps}
     PROBE.update(ok=True, reason="")
-    return True, f"compiled and ran: {'; '.join(steps)}; headers from {cuda_include_dir()}", {"steps": steps}
+    done = "; ".join(f"{k}: {v}" for k, v in steps.items())
+    return True, f"compiled and ran: {done}; headers from {cuda_include_dir()}", {"steps": steps}
 
 
 # ---- pytest and compute-sanitizer --------------------------------------------------------------------------------
@@ -296,7 +297,7 @@ def gpu_test_files() -> list[str]:
 
 
 def run_pytest(files: list[str], timeout_s: float) -> tuple[bool | str, str, dict[str, Any]]:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or tensorrt", "-q", "-rs", "-p", "no:cacheprovider", *files]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or tensorrt", "-q", "-rfEs", "-p", "no:cacheprovider", *files]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -577,7 +578,7 @@ def output_parity(got: list[np.ndarray], want: list[np.ndarray], raw: np.ndarray
     return parity
 
 
-def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> Path:
+def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> tuple[Path, Any]:
     from exporters.tensorrt import TensorRTExportConfig, build_engine
     from service.engines.manifest import BatchProfile
 
@@ -590,10 +591,7 @@ def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> Pa
         calibration_images=calib if precision == "int8" else None,
         calibration_chips=128,
     )
-    report = build_engine(onnx_path, engine, cfg)
-    ROWS.append(Row(f"TensorRT export {precision}", "PASS", report.summary(), {"build_s": report.build_s}))
-    print(f"[PASS] TensorRT export {precision}: {report.summary()}", file=sys.stderr, flush=True)
-    return engine
+    return engine, build_engine(onnx_path, engine, cfg)
 
 
 def trt_parity(engine: Path, onnx_path: Path, chips: np.ndarray, precision: str) -> tuple[bool, str, dict[str, Any]]:
@@ -863,7 +861,7 @@ def trt_rows(onnx_path: Path | None, card: Any, chips: np.ndarray, work: Path, s
     engines: dict[str, Path] = {}
     reasons: dict[str, str] = {}
 
-    def export(precision: str) -> tuple[bool, str]:
+    def export(precision: str) -> tuple[bool, str, dict[str, Any]]:
         reasons[precision] = "its export failed"
         try:
             need_trt()
@@ -879,9 +877,8 @@ def trt_rows(onnx_path: Path | None, card: Any, chips: np.ndarray, work: Path, s
             calib.mkdir()
             for i in range(4):  # calibration images; chips are cut by the service's own pipeline
                 cv2.imwrite(str(calib / f"{i}.png"), test_image(720, 1280, 10 + i))
-        engines[precision] = build(onnx_path, work, precision, calib)
-        ROWS.pop()  # build() recorded its own row; this one replaces it
-        return True, f"{engines[precision].name} built"
+        engines[precision], built = build(onnx_path, work, precision, calib)
+        return True, built.summary(), {"build_s": built.build_s, "calibration": built.manifest.calibration}
 
     def engine(precision: str) -> Path:
         if precision not in engines or onnx_path is None:

@@ -290,7 +290,7 @@ def make_cupy() -> tuple[types.ModuleType, types.ModuleType]:
     cp = types.ModuleType("cupy")
     cp.__spec__ = importlib.machinery.ModuleSpec("cupy", None)  # find_spec() reads it from sys.modules
     cp.float32, cp.float64, cp.int64, cp.int32, cp.uint8 = np.float32, np.float64, np.int64, np.int32, np.uint8  # type: ignore[attr-defined]
-    cp.uint64 = np.uint64  # type: ignore[attr-defined]
+    cp.uint64, cp.float16 = np.uint64, np.float16  # type: ignore[attr-defined]
     cp.asarray = _asarray  # type: ignore[attr-defined]
     cp.asnumpy = lambda x, stream=None: x.get(stream)  # type: ignore[attr-defined]
     cp.empty = _empty  # type: ignore[attr-defined]

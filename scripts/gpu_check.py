@@ -673,7 +673,8 @@ def ort_ep_parity(
     if ORT_PROVIDER_NAMES[providers[0]] not in ort.get_available_providers():
         raise Skip(f"{ORT_PROVIDER_NAMES[providers[0]]} not in this onnxruntime build")
     need_gpu()
-    # The TensorRT EP has no TF32 switch (the CUDA EP's is off, service.engines.onnxruntime): fp32 allows TF32-level error.
+    # The TensorRT EP has no TF32 switch (the CUDA EP's is off, see service.engines.onnxruntime): fp32 allows
+    # TF32-level error.
     tol, tie_tol = TOLERANCES["fp16"] if fp16 else ((5e-3, 1e-3) if providers[0] == "tensorrt" else TOLERANCES["fp32"])
     cfg = EngineConfig(providers=providers, fp16=fp16, max_batch=64, trt_cache_dir=work / "ort_trt_cache")
     gpu_e = OnnxRuntimeEngine(onnx_path, cfg)  # fails (ModelLoadError) if ORT fell back to the CPU

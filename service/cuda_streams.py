@@ -5,7 +5,7 @@ serialise it with every other stage and with TensorRT's waits (the default strea
 streams). Stages: ``levels`` (upload and resize, on request-preparation threads; synchronised before the levels
 are handed on), ``soft_nms`` (post-processing threads; its results are read back on the same stream). The crop into
 TensorRT's input buffer runs on the engine's own crop stream and TensorRT's stream waits for it by an event
-(:class:`service.engine_tensorrt.CudaRunner`). Streams are per thread because CuPy's current stream is.
+(:class:`service.engines.tensorrt.CudaRunner`). Streams are per thread because CuPy's current stream is.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def test_raw_heatmap_is_the_input_of_peak_suppression(reference: Reference) -> N
 
 
 def test_graph_without_peak_suppression_has_no_raw_heatmap(tmp_path: Path) -> None:
-    from tests.service.test_engine import identity_model
+    from tests.service.engines.test_engines import identity_model
 
     assert with_raw_heatmap(identity_model(tmp_path, "RGB"), heatmap="out") is None
 

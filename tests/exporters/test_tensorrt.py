@@ -121,7 +121,7 @@ def test_build_engine_manifest_and_parity(tiny_onnx: Path, tmp_path: Path, preci
     assert (tmp_path / "timing.cache").stat().st_size > 0
     chips = np.random.default_rng(0).normal(0, 1, (11, 3, 128, 128)).astype(np.float32)
     parity = engine_parity(engine, tiny_onnx, chips, max_batch=8)  # 11 rows: split 8 + 3
-    assert max(parity.max_abs_diff.values()) <= tolerance, parity.summary()
+    assert parity.outputs.ok(tolerance, tolerance), parity.summary()  # peak flips only at near-ties
 
 
 @pytest.mark.gpu

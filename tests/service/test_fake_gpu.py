@@ -12,8 +12,8 @@ import pytest
 
 from service import crop_gpu, soft_nms_gpu
 from service.crop import Normalizer
-from service.engine import EngineConfig, create_engine
-from service.engine_manifest import BatchProfile
+from service.engines import EngineConfig, create_engine
+from service.engines.manifest import BatchProfile
 from service.plan import LevelSpec, PlanConfig, plan
 from tests.service import fake_gpu
 from tests.service.test_crop_gpu import smooth_image

@@ -125,7 +125,7 @@ def test_dispatch_by_size_thresholds() -> None:
 
 
 def test_explicit_gpu_soft_nms_that_cannot_run_fails_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.engine import FakeEngine
+    from service.engines.fake import FakeEngine
     from service.errors import ModelLoadError
     from service.pipeline import Pipeline
 

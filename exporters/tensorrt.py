@@ -152,15 +152,17 @@ class _ChipReader:
 CALIBRATION_METHODS = {"entropy": "Entropy", "minmax": "MinMax", "percentile": "Percentile"}
 
 
-def quantize_qdq(onnx_path: Path, chips: np.ndarray, out: Path, input_name: str, method: str = "entropy") -> Path:
+def quantize_qdq(onnx_path: Path, chips: np.ndarray, out: Path, method: str = "entropy") -> Path:
     """``onnx_path`` with explicit INT8 quantization (Q/DQ nodes) calibrated on ``chips`` ``float32 [N, 3, C, C]``,
     written to ``out``: the INT8 path TensorRT 10 documents (implicit calibration, ``int8_calibrator`` and
     ``set_calibration_profile``, is deprecated since 10.1 and removed in 11). ONNX Runtime's static quantizer
     with TensorRT's scheme: symmetric INT8 activations and weights, per-channel weights, float biases."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if chips.shape[0] == 0:
         raise ExportError("no calibration chips")
+    input_name = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(
         str(onnx_path),
@@ -202,7 +204,7 @@ def _int8_source(onnx_path: Path, out: Path, card: ModelCard, cfg: TensorRTExpor
         if cfg.calibration_images is None:
             raise ExportError("int8 needs --calibration-images (or an existing --calibration-cache Q/DQ model)")
         data = calibration_chips(cfg.calibration_images, card, cfg.calibration_chips)
-        quantize_qdq(onnx_path, data, qdq, card.input_name or "images", cfg.calibration_method)
+        quantize_qdq(onnx_path, data, qdq, cfg.calibration_method)
         chips = int(data.shape[0])
     return qdq, {
         "method": f"explicit Q/DQ (onnxruntime.quantization, {cfg.calibration_method} calibration)",

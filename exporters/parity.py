@@ -55,15 +55,20 @@ class OutputParity:
     names: list[str]
     heatmap: str | None = "heatmap"
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    mean_abs_diff: dict[str, float] = field(default_factory=dict)  # over all cells (flips included)
     peak_flips: int = 0
     cells: int = 0
     max_tie_gap: float = 0.0
     ties_explained: bool = True  # False once a flip was seen without the raw heatmap to check it
+    _seen: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False)
 
     def add(self, got: list[np.ndarray], want: list[np.ndarray], raw: np.ndarray | None) -> None:
         """One batch: ``got``/``want`` in ``names`` order; ``raw`` the reference's heatmap before suppression."""
         for name, g, w in zip(self.names, got, want, strict=True):
             diff = np.abs(g.astype(np.float64) - w.astype(np.float64))
+            n, total = self._seen.get(name, (0, 0.0))
+            self._seen[name] = (n + diff.size, total + float(diff.sum()))
+            self.mean_abs_diff[name] = self._seen[name][1] / max(1, self._seen[name][0])
             if name == self.heatmap:
                 flip = (g > 0) != (w > 0)
                 self.peak_flips += int(flip.sum())
@@ -83,7 +88,9 @@ class OutputParity:
         return diffs_ok and (self.peak_flips == 0 or (self.ties_explained and self.max_tie_gap <= tie_tolerance))
 
     def summary(self) -> str:
-        diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_diff.items())
+        diffs = ", ".join(
+            f"{k} {v:.3g} (mean {self.mean_abs_diff.get(k, 0.0):.2g})" for k, v in self.max_abs_diff.items()
+        )
         flips = f"peak flips {self.peak_flips}/{self.cells} cells"
         if self.peak_flips:
             flips += f" (largest tie gap {self.max_tie_gap:.2g})" if self.ties_explained else " (not explained)"

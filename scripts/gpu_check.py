@@ -489,6 +489,15 @@ def test_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     return cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (5, 5), 0)
 
 
+def scene_image(long_side: int, seed: int) -> np.ndarray:
+    """A synthetic aerial scene with objects (the project's own generator, ``models.synth``), ``uint8 [H, W, 3]``
+    RGB: what calibration and detection parity need (noise images have no objects to detect)."""
+    from models.synth import SynthConfig, generate_image
+
+    side = max(256, long_side)
+    return generate_image(SynthConfig(min_long_side=side, max_long_side=side), seed=seed, index=0).decode()
+
+
 def pyramid_plan(card: Any, image: np.ndarray, levels: Any = None) -> Any:
     from service.plan import PlanConfig, plan
 
@@ -566,8 +575,11 @@ def preprocess_bench(card: Any, repeat: int, size: tuple[int, int] = (3000, 4000
 TOLERANCES = {  # (max |diff| of every output, largest accepted tie gap at a peak flip)
     "fp32": (1e-3, 1e-4),  # TF32 off: fp32 rounding only
     "fp16": (5e-2, 5e-2),
-    "int8": (0.5, 0.25),  # explicit Q/DQ: a calibrated approximation
 }
+# INT8 (explicit Q/DQ) is a calibrated approximation: its raw outputs are reported (INFO), and it is judged on
+# detections instead -- the pipeline on the INT8 engine vs ORT CPU, each detection matched with IoU > 0.7 and a
+# score within 0.1 (our acceptance for INT8, set before any device run; the FP16 goal row is stricter).
+INT8_MATCH = {"iou": 0.7, "score_tol": 0.1}
 
 
 def output_parity(got: list[np.ndarray], want: list[np.ndarray], raw: np.ndarray | None, names: list[str]) -> Any:
@@ -578,7 +590,7 @@ def output_parity(got: list[np.ndarray], want: list[np.ndarray], raw: np.ndarray
     return parity
 
 
-def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> tuple[Path, Any]:
+def build(onnx_path: Path, work: Path, precision: str, calib: Path | None, calib_chips: int = 128) -> tuple[Path, Any]:
     from exporters.tensorrt import TensorRTExportConfig, build_engine
     from service.engines.manifest import BatchProfile
 
@@ -589,7 +601,7 @@ def build(onnx_path: Path, work: Path, precision: str, calib: Path | None) -> tu
         workspace_mib=2048,
         timing_cache=work / "timing.cache",
         calibration_images=calib if precision == "int8" else None,
-        calibration_chips=128,
+        calibration_chips=calib_chips,
     )
     return engine, build_engine(onnx_path, engine, cfg)
 
@@ -600,7 +612,7 @@ def trt_parity(engine: Path, onnx_path: Path, chips: np.ndarray, precision: str)
     from service.engines import EngineConfig
     from service.engines.tensorrt import TensorRTEngine
 
-    tol, tie_tol = TOLERANCES[precision]
+    tol, tie_tol = TOLERANCES.get(precision, (np.inf, np.inf))
     trt_e = TensorRTEngine(engine, EngineConfig(kind="tensorrt", max_batch=32))
     names = list(trt_e.card.output_names or ("heatmap", "ltrb"))
     try:
@@ -608,14 +620,16 @@ def trt_parity(engine: Path, onnx_path: Path, chips: np.ndarray, precision: str)
         parity = output_parity(trt_e.infer(chips), want, raw, names)
     finally:
         trt_e.close()
-    ok = parity.ok(tol, tie_tol)
+    data = {"max_abs_diff": parity.max_abs_diff, "mean_abs_diff": parity.mean_abs_diff, "peak_flips": parity.peak_flips}
+    if precision not in TOLERANCES:  # int8: reported here, judged on detections (INT8_MATCH)
+        return None, f"{chips.shape[0]} chips: {parity.summary()}", data
     detail = f"{chips.shape[0]} chips: {parity.summary()} (tolerance {tol:g}, tie gap <= {tie_tol:g})"
-    return ok, detail, {"max_abs_diff": parity.max_abs_diff, "peak_flips": parity.peak_flips}
+    return parity.ok(tol, tie_tol), detail, data
 
 
-def match_detections(want: Any, got: Any, score_tol: float = 0.02) -> dict[str, int]:
-    """Each reference detection (``Detections``) matched to one of the same class with IoU > 0.9 and score within
-    ``score_tol``; unmatched ones within 0.01 of the threshold of the lowest kept score are counted apart."""
+def match_detections(want: Any, got: Any, score_tol: float = 0.02, min_iou: float = 0.9) -> dict[str, int]:
+    """Each reference detection (``Detections``) matched to one of the same class with IoU > ``min_iou`` and score
+    within ``score_tol``; unmatched ones within 0.01 of the lowest kept score (the threshold) are counted apart."""
     from service.soft_nms import box_iou_one
 
     used = np.zeros(len(got), bool)
@@ -625,7 +639,7 @@ def match_detections(want: Any, got: Any, score_tol: float = 0.02) -> dict[str, 
         same = np.flatnonzero((got.classes == want.classes[i]) & ~used)
         if same.size:
             iou = box_iou_one(want.boxes[i].astype(np.float64), got.boxes[same].astype(np.float64))
-            ok = (iou > 0.9) & (np.abs(got.scores[same] - want.scores[i]) <= score_tol)
+            ok = (iou > min_iou) & (np.abs(got.scores[same] - want.scores[i]) <= score_tol)
             if ok.any():
                 used[same[int(np.argmax(np.where(ok, iou, -1)))]] = True
                 matched += 1
@@ -634,9 +648,11 @@ def match_detections(want: Any, got: Any, score_tol: float = 0.02) -> dict[str, 
     return {"reference": len(want), "got": len(got), "matched": matched, "near_threshold": near}
 
 
-def trt_detections(engine: Path, onnx_path: Path, images: list[np.ndarray]) -> tuple[bool, str, dict[str, Any]]:
-    """The goal row: the service pipeline on the TensorRT FP16 engine vs on ONNX Runtime CPU, same images: every
-    detection matched (IoU > 0.9, score within 0.02), bar those at the score threshold."""
+def trt_detections(
+    engine: Path, onnx_path: Path, images: list[np.ndarray], min_iou: float = 0.9, score_tol: float = 0.02
+) -> tuple[bool, str, dict[str, Any]]:
+    """The goal row: the service pipeline on the TensorRT engine vs on ONNX Runtime CPU, same images: every
+    detection matched (FP16: IoU > 0.9, score within 0.02), bar those at the score threshold."""
     from service.engines import EngineConfig
     from service.engines.tensorrt import TensorRTEngine
     from service.pipeline import Pipeline
@@ -645,7 +661,10 @@ def trt_detections(engine: Path, onnx_path: Path, images: list[np.ndarray]) -> t
     try:
         gpu = Pipeline(trt_e, preprocess="cpu")  # the engine's parity alone: same pre-processing on both sides
         cpu = Pipeline.load(onnx_path, EngineConfig(max_batch=16), preprocess="cpu")
-        counts = [match_detections(cpu.detect(img).detections, gpu.detect(img).detections) for img in images]
+        counts = [
+            match_detections(cpu.detect(img).detections, gpu.detect(img).detections, score_tol, min_iou)
+            for img in images
+        ]
     finally:
         trt_e.close()
     total = {k: sum(c[k] for c in counts) for k in counts[0]}
@@ -653,8 +672,9 @@ def trt_detections(engine: Path, onnx_path: Path, images: list[np.ndarray]) -> t
     return (
         ok,
         (
-            f"{len(images)} images: {total['matched']}/{total['reference']} detections matched (IoU > 0.9, score "
-            f"within 0.02), {total['near_threshold']} unmatched at the threshold; {total['got']} from TensorRT"
+            f"{len(images)} images: {total['matched']}/{total['reference']} detections matched (IoU > {min_iou:g}, "
+            f"score within {score_tol:g}), {total['near_threshold']} unmatched at the threshold; {total['got']} from "
+            "TensorRT"
         ),
         total,
     )
@@ -839,6 +859,7 @@ class Sizes:
     service_image: tuple[int, int] = (1080, 1920)
     service_images: int = 48
     detection_images: int = 3
+    calibration_chips: int = 128
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -876,9 +897,9 @@ def trt_rows(onnx_path: Path | None, card: Any, chips: np.ndarray, work: Path, s
             import cv2
 
             calib.mkdir()
-            for i in range(4):  # calibration images; chips are cut by the service's own pipeline
-                cv2.imwrite(str(calib / f"{i}.png"), test_image(720, 1280, 10 + i))
-        engines[precision], built = build(onnx_path, work, precision, calib)
+            for i in range(4):  # calibration scenes; chips are cut by the service's own pipeline
+                cv2.imwrite(str(calib / f"{i}.png"), cv2.cvtColor(scene_image(1280, 10 + i), cv2.COLOR_RGB2BGR))
+        engines[precision], built = build(onnx_path, work, precision, calib, sizes.calibration_chips)
         return True, built.summary(), {"build_s": built.build_s, "calibration": built.manifest.calibration}
 
     def engine(precision: str) -> Path:
@@ -893,10 +914,15 @@ def trt_rows(onnx_path: Path | None, card: Any, chips: np.ndarray, work: Path, s
             lambda p=precision: trt_parity(engine(p), onnx_path, chips, p),  # type: ignore[arg-type, misc]
             45,
         )
-    images = [test_image(*sizes.service_image, 40 + i) for i in range(sizes.detection_images)]
+    images = [scene_image(max(sizes.service_image), 40 + i) for i in range(sizes.detection_images)]
     row(
         "TensorRT fp16 detections vs ORT CPU (goal: IoU > 0.9, scores within 0.02)",
         lambda: trt_detections(engine("fp16"), onnx_path, images),  # type: ignore[arg-type]
+        90,
+    )
+    row(
+        "TensorRT int8 detections vs ORT CPU (IoU > 0.7, scores within 0.1)",
+        lambda: trt_detections(engine("int8"), onnx_path, images, INT8_MATCH["iou"], INT8_MATCH["score_tol"]),  # type: ignore[arg-type]
         90,
     )
     row(
@@ -906,7 +932,7 @@ def trt_rows(onnx_path: Path | None, card: Any, chips: np.ndarray, work: Path, s
     )
     row(
         "Pipeline on TensorRT fp16: GPU vs CPU pre-processing",
-        lambda: staged_pipeline(engine("fp16"), sizes.repeat),
+        lambda: staged_pipeline(engine("fp16"), sizes.repeat, sizes.parity_image),
         60,
     )
 

@@ -145,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
     sock = listen_socket(settings.host, settings.port)
     engine = create_engine(settings.model_path, settings.engine_config())
     try:
-        Pipeline(engine, max_chips=settings.max_chips, preprocess=settings.preprocess)
+        Pipeline(
+            engine, max_chips=settings.max_chips, preprocess=settings.preprocess, soft_nms=settings.soft_nms_dispatch()
+        )
     except BaseException:
         engine.close()
         sock.close()

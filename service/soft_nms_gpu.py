@@ -256,8 +256,7 @@ def soft_nms_groups_gpu(
 
     from service.cuda_streams import stage_stream
 
-    # This thread's soft-NMS stream, not the legacy default one (which would serialise with every other stage);
-    # the get()s below copy on it and wait for it, so the results are complete when read.
+    # This thread's stream, not the legacy default one (which serialises with every stage); get() waits for it.
     with stage_stream("soft_nms"):
         g = offsets.size - 1
         d_boxes = cp.asarray(boxes[order].astype(np.float64))  # [M, 4], same float32 -> float64 as the reference

@@ -360,13 +360,14 @@ def kernel_driver() -> None:
     from service.crop import Normalizer
     from service.engines.fake import FAKE_CARD
     from service.plan import LevelSpec
+    from service.soft_nms import SoftNMSParams
     from service.soft_nms_gpu import soft_nms_groups_gpu
 
     with contextlib.suppress(Exception):
         cp.cuda.set_allocator(None)  # no pool: every array its own allocation, exact bounds for memcheck
     boxes, scores, groups = random_boxes(np.random.default_rng(0), 300, 3)
     for method, threads in (("gaussian", 256), ("linear", 64), ("hard", 32)):
-        soft_nms_groups_gpu(boxes, scores, groups, method, block_threads=threads)  # type: ignore[arg-type]
+        soft_nms_groups_gpu(boxes, scores, groups, SoftNMSParams(method), block_threads=threads)  # type: ignore[arg-type]
     img = test_image(97, 131, 3)
     levels = (LevelSpec(scale=1.7), LevelSpec(scale=0.6), LevelSpec(scale=0.5))
     p = pyramid_plan(FAKE_CARD, img, levels)

@@ -73,17 +73,10 @@ class Settings(BaseSettings):
         "or auto (gpu where the engine takes device input, else cpu). With a TensorRT engine, gpu and auto fail "
         "at startup when the kernels cannot compile (never a silent switch to the CPU).",
     )
-    soft_nms_device: Literal["cpu", "gpu"] = Field(
-        default="cpu",
-        description="Where soft-NMS runs: cpu (NumPy), or gpu (the CUDA kernel, within the size thresholds below; "
-        "fails at startup if it cannot run). cpu until the GPU's speed is measured (scripts/gpu_check.py).",
-    )
-    soft_nms_gpu_min_boxes: int = Field(
-        default=0, ge=0, description="GPU soft-NMS only for at least this many candidates (gpu_check's crossover)."
-    )
-    soft_nms_gpu_max_group: int | None = Field(
-        default=None, ge=1, description="GPU soft-NMS only while no class has more candidates than this."
-    )
+    # where soft-NMS runs (service.soft_nms_gpu.SoftNmsDispatch)
+    soft_nms_device: Literal["cpu", "gpu"] = from_config(SoftNmsDispatch, "device")
+    soft_nms_gpu_min_boxes: int = from_config(SoftNmsDispatch, "min_boxes")
+    soft_nms_gpu_max_group: int | None = from_config(SoftNmsDispatch, "max_group")
     # batching and admission (service.batch.BatcherConfig; max_batch also bounds EngineConfig.max_batch)
     max_batch: int = from_config(BatcherConfig, "max_batch")
     max_delay_ms: float = from_config(BatcherConfig, "max_delay_ms")

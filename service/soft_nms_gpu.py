@@ -311,11 +311,15 @@ class SoftNmsDispatch(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: Literal["cpu", "gpu"] = Field(
-        default="cpu", description="cpu: NumPy always; gpu: the CUDA kernel inside the size range below."
+        default="cpu",
+        description="Where soft-NMS runs: cpu (NumPy), or gpu (the CUDA kernel, within the size thresholds; fails "
+        "at startup if it cannot run). cpu until the GPU's speed is measured (scripts/gpu_check.py).",
     )
-    min_boxes: int = Field(default=0, ge=0, description="GPU only for at least this many candidates in all.")
+    min_boxes: int = Field(
+        default=0, ge=0, description="GPU soft-NMS only for at least this many candidates (gpu_check's crossover)."
+    )
     max_group: int | None = Field(
-        default=None, ge=1, description="GPU only while no group (class) has more candidates than this."
+        default=None, ge=1, description="GPU soft-NMS only while no class has more candidates than this."
     )
 
     def wants_gpu(self, scores: np.ndarray, groups: np.ndarray, score_threshold: float) -> bool:

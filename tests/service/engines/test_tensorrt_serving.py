@@ -110,8 +110,6 @@ def test_http_service_on_tensorrt_with_gpu_preprocessing(
         "notes": [],
         "preprocess": "gpu",
         "soft_nms": {"device": "gpu", "min_boxes": 0, "max_group": None},
-        "static_batch": None,
-        "notes": [],
     }
     r = client.post("/v1/detect", content=encode(image), headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text

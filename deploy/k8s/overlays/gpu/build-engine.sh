@@ -4,8 +4,8 @@
 # and the GPU's compute capability, and derive from one ONNX file: the cache key holds all three, so a new image,
 # another GPU generation or a new model builds a new engine while the old ones stay for the pods that use them.
 set -eu
-onnx="${SNIPSERVE_SOURCE_ONNX:-/models/snipserve_default.onnx}"
-cache="${SNIPSERVE_ENGINE_CACHE:-/engine-cache}"
+onnx="${SOURCE_ONNX:-/models/snipserve_default.onnx}"
+cache="${ENGINE_CACHE:-/engine-cache}"
 key="$(python -c 'import tensorrt; from service.engine_tensorrt import device_identity; print(f"trt{tensorrt.__version__}-sm{device_identity()[1]}")')"
 key="$key-$(sha256sum "$onnx" | cut -c1-16)"
 dir="$cache/$key"

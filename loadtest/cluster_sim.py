@@ -14,7 +14,7 @@ number reported is in simulated seconds.
 Autoscaler (what KEDA's Prometheus trigger with ``metricType: AverageValue`` hands the HPA, and what the HPA
 does with it): Prometheus scrapes every ready pod's ``snipserve_queue_depth_chips`` each ``scrape_s``; every
 ``sync_s`` the HPA computes ``desired = ceil(sum / target)`` (no change within a 10 % tolerance), applies the
-scale-up policy (at most +100 % or +4 pods per 15 s, whichever is more) and, for scale-down, the highest
+scale-up policy (at most +200 % or +8 pods per 15 s, whichever is more) and, for scale-down, the highest
 recommendation of the last ``scale_down_window_s`` and at most one pod per minute. A new pod is routed to
 only after ``pod_start_s`` (scheduling, container start, model load and warm-up: readiness turns 200).
 A removed pod drains: it leaves the balancer at once and finishes its accepted work.
@@ -104,7 +104,7 @@ class ReplicaConfig:
 
     max_batch: int = 8
     max_delay_ms: float = 5.0
-    queue_capacity: int = 4096
+    queue_capacity: int = 1024
     max_in_flight: int = 64
     request_timeout_s: float = 60.0
 
@@ -113,14 +113,16 @@ class ReplicaConfig:
 class ScalerConfig:
     """KEDA ScaledObject / HPA parameters (deploy/k8s), in simulated seconds."""
 
-    target: float = 16.0  # queued chips per replica
+    target: float = 128.0  # queued chips per replica (the ScaledObject's threshold)
     min_replicas: int = 1
     max_replicas: int = 16
-    scrape_s: float = 15.0
-    sync_s: float = 15.0
-    tolerance: float = 0.1
+    scrape_s: float = 5.0  # ServiceMonitor interval
+    sync_s: float = 15.0  # HPA controller period (kube-controller-manager default)
+    tolerance: float = 0.1  # HPA default
+    scale_up_percent: float = 200.0  # behavior.scaleUp policies, per 15 s, the larger wins
+    scale_up_pods: int = 8
     scale_down_window_s: float = 300.0
-    pod_start_s: float = 30.0
+    pod_start_s: float = 20.0  # scheduling on a node with the image, container start, model load, warm-up
 
 
 @dataclass
@@ -149,9 +151,7 @@ class Replica:
         self.index = index
         self.ready_at = ready_at  # wall clock (time.monotonic) when readiness turns 200
         self.speed = speed
-        settings = Settings(
-            engine="fake", warmup=False, max_batch=cfg.max_batch, max_in_flight=cfg.max_in_flight
-        )
+        settings = Settings(engine="fake", warmup=False, max_batch=cfg.max_batch, max_in_flight=cfg.max_in_flight)
         self.state = State(settings)
         engine = TimedEngine(latency, cfg.max_batch, speed)
         batcher_cfg = BatcherConfig(
@@ -283,7 +283,8 @@ class Autoscaler:
         self.recommendations = [(t, d) for t, d in self.recommendations if t > now - cfg.scale_down_window_s]
         self.recommendations.append((now, raw))
         if raw > current:  # scale-up window 0: act now, within the policy
-            return min(raw, max(2 * current, current + 4))
+            by_percent = math.floor(current * (1 + cfg.scale_up_percent / 100))
+            return min(raw, max(by_percent, current + cfg.scale_up_pods))
         stable = max(d for _, d in self.recommendations)  # scale down only to the highest recent recommendation
         if stable < current and now - self.last_scale_down >= 60.0:
             self.last_scale_down = now

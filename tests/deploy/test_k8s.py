@@ -368,8 +368,10 @@ def check_promql(expr: str, names: dict[str, set[str]]) -> set[str]:  # noqa: F8
 
 
 def assert_target_between_batch_and_capacity(target: int, env: dict[str, str]) -> None:
-    """Queued chips per replica to scale at: at least one full batch, at most half the queue (scale before shedding)."""
-    assert int(env["SNIPSERVE_MAX_BATCH"]) <= target <= int(env["SNIPSERVE_QUEUE_CAPACITY"]) // 2
+    """Queued chips per replica to scale at: at least one batch; at most 1/8 of the queue. A replica's queue (the
+    metric) stops growing at its capacity, so one scaling step can ask for at most capacity / target replicas:
+    below 8, a 10x burst takes several steps of pod start-up to be met (README, simulation)."""
+    assert int(env["SNIPSERVE_MAX_BATCH"]) <= target <= int(env["SNIPSERVE_QUEUE_CAPACITY"]) // 8
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])

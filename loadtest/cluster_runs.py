@@ -37,7 +37,8 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 
 def measure_cpu_latency(model: Path, repeats: int = 7) -> dict[str, Any]:
     """Median seconds per engine call for each batch size (the service's own engine, default settings)."""
-    from service.engine import EngineConfig, chip_buffer, create_engine
+    from service.crop import chip_buffer
+    from service.engines import EngineConfig, create_engine
 
     engine = create_engine(model, EngineConfig(max_batch=max(BATCH_SIZES), fuse_preprocess=True))
     table: dict[str, float] = {}

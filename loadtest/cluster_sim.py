@@ -1,7 +1,7 @@
 """Scale-out simulation: N in-process replicas behind a load balancer, with a KEDA/HPA-style autoscaler.
 
 Not a cluster and not a model of one: each replica runs the service's **real** :class:`service.batch.Batcher`
-and the **real** admission of :func:`service.api.in_flight` (503 + Retry-After past ``max_in_flight``, and the
+and the **real** admission of :func:`service.http.serving.in_flight` (503 + Retry-After past ``max_in_flight``, and the
 batcher's bounded chip queue), on an event loop shared by all replicas. Only the engine is a stand-in
 (:class:`TimedEngine`): it sleeps for the engine-call time of its batch size, from a table measured on this
 CPU with ONNX Runtime (``python -m loadtest cluster-sim measure``) or a stated, *assumed* GPU table. Sleeping
@@ -35,10 +35,10 @@ from typing import Any, Literal
 import numpy as np
 
 from service.adapters import get_adapter
-from service.api import State, in_flight
+from service.http.serving import State, in_flight
 from service.batch import Batcher, BatcherConfig
-from service.crop import Normalizer
-from service.engine import FAKE_CARD, ChipLayout
+from service.crop import ChipLayout, Normalizer
+from service.engines.fake import FAKE_CARD
 from service.errors import SnipserveError
 from service.plan import ChipPlan, LevelSpec, PlanConfig, plan
 from service.settings import Settings

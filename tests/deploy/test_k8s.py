@@ -220,11 +220,15 @@ def test_settings_are_real_settings_with_valid_values(overlay: str, monkeypatch:
 
 @pytest.fixture(scope="module")
 def app_routes() -> set[str]:
-    from service.api import create_app
+    """GET paths the running app (fake engine) answers 200 once ready: the probes must name some of these."""
+    from fastapi.testclient import TestClient
+
+    from service.http.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(engine="fake", warmup=False))
-    return {getattr(r, "path", "") for r in app.routes}
+    candidates = ("/healthz", "/readyz", "/metrics", "/livez", "/health", "/ready")
+    with TestClient(create_app(Settings(engine="fake", warmup=False))) as client:
+        return {path for path in candidates if client.get(path).status_code == 200}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -268,7 +272,7 @@ def test_termination_grace_covers_the_drain(overlay: str) -> None:
     assert command[0] == "sleep"
     pre_stop = float(command[1])
     shutdown = float(settings_env(objects)["SNIPSERVE_SHUTDOWN_TIMEOUT_S"])
-    # cli_serve: drain (shutdown_timeout_s) then uvicorn's connection close (the same timeout) before SIGKILL.
+    # service/cli/serve.py: drain (shutdown_timeout_s) then uvicorn's connection close (the same timeout) before SIGKILL.
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + 2 * shutdown + 5
     assert pre_stop < container["readinessProbe"]["periodSeconds"] * 2  # not longer than it takes to be removed
 

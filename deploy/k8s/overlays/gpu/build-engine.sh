@@ -6,7 +6,7 @@
 set -eu
 onnx="${SOURCE_ONNX:-/models/snipserve_default.onnx}"
 cache="${ENGINE_CACHE:-/engine-cache}"
-key="$(python -c 'import tensorrt; from service.engine_tensorrt import device_identity; print(f"trt{tensorrt.__version__}-sm{device_identity()[1]}")')"
+key="$(python -c 'import tensorrt; from service.engines.tensorrt import device_identity; print(f"trt{tensorrt.__version__}-sm{device_identity()[1]}")')"
 key="$key-$(sha256sum "$onnx" | cut -c1-16)"
 dir="$cache/$key"
 if [ ! -f "$dir/snipserve.engine" ]; then

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from loadtest.cluster_sim import (
 )
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+BASE_LOAD = 0.5  # burst scenario: offered load before and after, in replicas' engine-bound capacity
+BURST_FACTOR = 10.0
 
 
 def measure_cpu_latency(model: Path, repeats: int = 7) -> dict[str, Any]:
@@ -147,31 +150,37 @@ def sweep(latency: Latency, cfg: ReplicaConfig, chips: int, speed: float, slo_s:
     return {"engine_bound_rps_per_replica": per_replica, "rows": rows}
 
 
-def lag_summary(cluster: Cluster, burst: tuple[float, float], slo_s: float) -> dict[str, Any]:
-    """Steady state before the burst; the lag until the replica count stops rising; the burst after that."""
+def lag_summary(cluster: Cluster, burst: tuple[float, float], slo_s: float, needed: int) -> dict[str, Any]:
+    """Steady state before the burst; the lag until enough replicas are ready for the burst's load (``needed``:
+    its rate over one replica's engine-bound rate), and until the ready count peaks; the burst after each."""
     b0, b1 = burst
-    rising = [s for s in cluster.timeline if b0 <= s["t"] < b1]
-    peak = max(s["ready"] for s in rising)
-    complete = next(s["t"] for s in rising if s["ready"] == peak)
+    during = [s for s in cluster.timeline if b0 <= s["t"] < b1]
+    peak = max(s["ready"] for s in during)
+    complete = next(s["t"] for s in during if s["ready"] == peak)
+    covered = next((s["t"] for s in during if s["ready"] >= needed), b1)
     steady = stats(cluster.outcomes, 20.0, b0, slo_s)
-    after = stats(cluster.outcomes, complete, b1, slo_s)
-    lag = stats(cluster.outcomes, b0, complete, slo_s)
-    ratio = after["p99_s"] / steady["p99_s"] if after["p99_s"] and steady["p99_s"] else None
-    return {
+    out: dict[str, Any] = {
         "steady": steady,
-        "lag": lag,
-        "after_scale_up": after,
-        "scale_up_complete_s": complete - b0,
+        "replicas_needed": needed,
+        "covered_s": covered - b0,
+        "lag": stats(cluster.outcomes, b0, covered, slo_s),
+        "after_covered": stats(cluster.outcomes, covered, b1, slo_s),
         "peak_ready_replicas": peak,
-        "p99_after_over_steady": ratio,
+        "scale_up_complete_s": complete - b0,
+        "after_scale_up": stats(cluster.outcomes, complete, b1, slo_s),
+        "after_burst": stats(cluster.outcomes, b1, b1 + 60.0, slo_s),
     }
+    for key in ("after_covered", "after_scale_up"):
+        p99 = out[key]["p99_s"]
+        out[f"p99_{key}_over_steady"] = p99 / steady["p99_s"] if p99 and steady["p99_s"] else None
+    return out
 
 
 async def burst_run(
     latency: Latency, cfg: ReplicaConfig, scaler: ScalerConfig, policy: Policy, chips: int, speed: float
 ) -> tuple[Cluster, tuple[float, float]]:
-    base = 0.5 * latency.chips_per_s(cfg.max_batch) / chips  # one replica at 50 % of its engine
-    segments = [(90.0, base), (60.0, 10 * base), (90.0, base)]
+    base = BASE_LOAD * latency.chips_per_s(cfg.max_batch) / chips  # one replica at 50 % of its engine
+    segments = [(90.0, base), (60.0, BURST_FACTOR * base), (90.0, base)]
     cluster = Cluster(latency, cfg, policy, speed)
     for _ in range(scaler.min_replicas):
         await cluster.add(0.0)
@@ -195,7 +204,8 @@ def burst(
     for target in targets:
         scaler = ScalerConfig(target=target)
         cluster, window = asyncio.run(burst_run(latency, cfg, scaler, policy, chips, speed))
-        run = {"target_chips": target, "policy": policy, **lag_summary(cluster, window, slo_s)}
+        needed = math.ceil(BURST_FACTOR * BASE_LOAD)  # burst rate / one replica's engine-bound rate
+        run = {"target_chips": target, "policy": policy, **lag_summary(cluster, window, slo_s, needed)}
         run["timeline"] = [{k: round(v, 2) for k, v in s.items()} for s in cluster.timeline]
         run["windows"] = windows(cluster.outcomes, 5.0, slo_s)
         print(json.dumps({k: v for k, v in run.items() if k != "timeline"}), flush=True)

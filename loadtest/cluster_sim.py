@@ -35,11 +35,11 @@ from typing import Any, Literal
 import numpy as np
 
 from service.adapters import get_adapter
-from service.http.serving import State, in_flight
 from service.batch import Batcher, BatcherConfig
 from service.crop import ChipLayout, Normalizer
 from service.engines.fake import FAKE_CARD
 from service.errors import SnipserveError
+from service.http.serving import State, in_flight
 from service.plan import ChipPlan, LevelSpec, PlanConfig, plan
 from service.settings import Settings
 

@@ -272,7 +272,7 @@ def test_termination_grace_covers_the_drain(overlay: str) -> None:
     assert command[0] == "sleep"
     pre_stop = float(command[1])
     shutdown = float(settings_env(objects)["SNIPSERVE_SHUTDOWN_TIMEOUT_S"])
-    # service/cli/serve.py: drain (shutdown_timeout_s) then uvicorn's connection close (the same timeout) before SIGKILL.
+    # service/cli/serve.py: drain (shutdown_timeout_s), then uvicorn closes connections (same timeout), then SIGKILL.
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + 2 * shutdown + 5
     assert pre_stop < container["readinessProbe"]["periodSeconds"] * 2  # not longer than it takes to be removed
 

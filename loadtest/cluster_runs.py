@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -198,11 +199,18 @@ async def burst_run(
 
 
 def burst(
-    latency: Latency, cfg: ReplicaConfig, targets: list[float], policy: Policy, chips: int, speed: float, slo_s: float
+    latency: Latency,
+    cfg: ReplicaConfig,
+    base_scaler: ScalerConfig,
+    targets: list[float],
+    policy: Policy,
+    chips: int,
+    speed: float,
+    slo_s: float,
 ) -> dict[str, Any]:
     runs = []
     for target in targets:
-        scaler = ScalerConfig(target=target)
+        scaler = dataclasses.replace(base_scaler, target=target)
         cluster, window = asyncio.run(burst_run(latency, cfg, scaler, policy, chips, speed))
         needed = math.ceil(BURST_FACTOR * BASE_LOAD)  # burst rate / one replica's engine-bound rate
         run = {"target_chips": target, "policy": policy, **lag_summary(cluster, window, slo_s, needed)}
@@ -210,7 +218,7 @@ def burst(
         run["windows"] = windows(cluster.outcomes, 5.0, slo_s)
         print(json.dumps({k: v for k, v in run.items() if k != "timeline"}), flush=True)
         runs.append(run)
-    return {"burst_window_s": [90.0, 150.0], "runs": runs}
+    return {"burst_window_s": [90.0, 150.0], "scaler": dataclasses.asdict(base_scaler), "runs": runs}
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -226,6 +234,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--queue-capacity", type=int, default=1024, help="chips queued per replica at most")
     p.add_argument("--targets", default="64,128,256", help="burst: queued chips per replica to scale at")
     p.add_argument("--policy", choices=["round_robin", "least_queue"], default="least_queue", help="burst")
+    p.add_argument("--max-replicas", type=int, default=16, help="burst: the ScaledObject's maxReplicaCount")
+    p.add_argument("--pod-start-s", type=float, default=20.0, help="burst: new pod to ready (simulated s)")
     p.add_argument("--speed", type=float, default=1.0, help="time compression (all time constants / speed)")
     p.add_argument("--slo-s", type=float, default=5.0, help="goodput counts 200s at most this late")
     p.add_argument("--json", type=Path, help="write the result here")
@@ -249,7 +259,8 @@ def run_cli(args: Any) -> int:
             result = sweep(latency, cfg, args.chips, args.speed, args.slo_s)
         else:
             targets = [float(t) for t in args.targets.split(",")]
-            result = burst(latency, cfg, targets, args.policy, args.chips, args.speed, args.slo_s)
+            scaler = ScalerConfig(max_replicas=args.max_replicas, pod_start_s=args.pod_start_s)
+            result = burst(latency, cfg, scaler, targets, args.policy, args.chips, args.speed, args.slo_s)
         result["setup"] = {
             "engine": latency.source,
             "seconds_per_call": {str(k): v for k, v in latency.table.items()},

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 
-def plot(sweep: dict[str, Any], burst: dict[str, Any], png: Path) -> None:
+def plot(sweep: dict[str, Any], bursts: list[dict[str, Any]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,13 +24,11 @@ def plot(sweep: dict[str, Any], burst: dict[str, Any], png: Path) -> None:
     cap.plot(ns, [one * k for k in ns], "k--", linewidth=1, label="linear from N=1")
     cap.set(xlabel="replicas", ylabel="requests/s", title="Capacity (1.5x overload offered)")
     p99.set(xlabel="replicas", ylabel="p99 latency (s)", title="p99 at 70 % load")
-    b0, b1 = burst["burst_window_s"]
-    for run in burst["runs"]:
-        label = f"target {run['target_chips']:g} chips, {run['policy']}"
-        t = [s["t"] for s in run["timeline"]]
-        reps.plot(t, [s["ready"] for s in run["timeline"]], label=label)
-        windows = [w for w in run["windows"] if w["p99_s"] is not None]
-        lat.plot([w["t"] for w in windows], [w["p99_s"] for w in windows], label=label)
+    b0, b1 = bursts[0]["burst_window_s"]
+    for burst in bursts:
+        top = burst.get("scaler", {}).get("max_replicas", 16)
+        for run in burst["runs"]:
+            _burst_lines(reps, lat, run, f"target {run['target_chips']:g}, max {top}, {run['policy']}")
     for ax in (reps, lat):
         ax.axvspan(b0, b1, color="orange", alpha=0.15, label="10x burst")
     reps.set(xlabel="simulated s", ylabel="ready replicas", title="Autoscaled on queued chips per replica")
@@ -43,3 +41,47 @@ def plot(sweep: dict[str, Any], burst: dict[str, Any], png: Path) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def _burst_lines(reps: Any, lat: Any, run: dict[str, Any], label: str) -> None:
+    t = [s["t"] for s in run["timeline"]]
+    reps.plot(t, [s["ready"] for s in run["timeline"]], label=label)
+    windows = [w for w in run["windows"] if w["p99_s"] is not None]
+    lat.plot([w["t"] for w in windows], [w["p99_s"] for w in windows], label=label)
+
+
+def _s(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def markdown(sweep: dict[str, Any], bursts: list[dict[str, Any]]) -> str:
+    """The README tables: capacity and p99 against N; the burst runs against the target."""
+    lines = [
+        "| replicas | policy | capacity (req/s) | vs linear | p50 at 70 % (s) | p99 at 70 % (s) | statuses at 70 % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(sweep["rows"], key=lambda r: (r["replicas"], r["policy"])):
+        load = r["at_70pct"]
+        lines.append(
+            f"| {r['replicas']} | {r['policy']} | {r['capacity_rps']:.2f} | {r['linearity']:.1%} | "
+            f"{_s(load['p50_s'])} | {_s(load['p99_s'])} | {load['statuses']} |"
+        )
+    lines += [
+        "",
+        "| target chips/replica | policy | max replicas | steady p99 (s) | ready for the load after (s) | "
+        "lag: statuses | 503 without Retry-After | peak ready | peak after (s) | p99 after peak (s) | "
+        "p99 after / steady | after the peak: statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for burst in bursts:
+        max_replicas = burst.get("scaler", {}).get("max_replicas", 16)
+        for run in burst["runs"]:
+            lag, after = run["lag"], run["after_scale_up"]
+            bad = lag["rejected_without_retry_after"] + after["rejected_without_retry_after"]
+            lines.append(
+                f"| {run['target_chips']:g} | {run['policy']} | {max_replicas} | {_s(run['steady']['p99_s'])} | "
+                f"{run['covered_s']:.1f} | {lag['statuses']} | {bad} | {run['peak_ready_replicas']} | "
+                f"{run['scale_up_complete_s']:.1f} | {_s(after['p99_s'])} | "
+                f"{_s(run['p99_after_scale_up_over_steady'])} | {after['statuses']} |"
+            )
+    return "\n".join(lines)

@@ -5,7 +5,7 @@
   per balancing policy, N = 1, 2, 4, 8.
 - ``burst``: one replica's worth of load at 50 %, then 10x for 60 s, then back; autoscaled on queued chips,
   per target. Steady-state p99, scale-up lag, p99 once scale-up completes, what the lag cost (503s).
-- ``plot``: the README figure from the JSON of ``sweep`` and ``burst``.
+- ``plot`` / ``table``: the README figure and tables from the JSON of ``sweep`` and ``burst``.
 """
 
 from __future__ import annotations
@@ -127,23 +127,33 @@ async def fixed_run(
     return cluster
 
 
-def sweep(latency: Latency, cfg: ReplicaConfig, chips: int, speed: float, slo_s: float) -> dict[str, Any]:
-    """Capacity and p99 against N, per policy (see the module docstring)."""
+def sweep(
+    latency: Latency,
+    cfg: ReplicaConfig,
+    chips: int,
+    speed: float,
+    slo_s: float,
+    policies: tuple[Policy, ...] = ("round_robin", "least_queue"),
+    durations: tuple[float, float] = (30.0, 40.0),
+) -> dict[str, Any]:
+    """Capacity and p99 against N, per policy (see the module docstring). ``durations``: simulated seconds of
+    the overload run (measured over its last two thirds) and of the 70 % run (measured after its first quarter)."""
     per_replica = latency.chips_per_s(cfg.max_batch) / chips  # requests/s one replica's engine could do
+    over_s, load_s = durations
     rows = []
-    for policy in ("round_robin", "least_queue"):
+    for policy in policies:
         for n in (1, 2, 4, 8):
-            over = asyncio.run(fixed_run(latency, cfg, policy, n, 1.5 * n * per_replica, 30.0, chips, speed))
-            load = asyncio.run(fixed_run(latency, cfg, policy, n, 0.7 * n * per_replica, 40.0, chips, speed))
+            over = asyncio.run(fixed_run(latency, cfg, policy, n, 1.5 * n * per_replica, over_s, chips, speed))
+            load = asyncio.run(fixed_run(latency, cfg, policy, n, 0.7 * n * per_replica, load_s, chips, speed))
             row = {
                 "policy": policy,
                 "replicas": n,
-                "capacity_rps": completed_rate(over.outcomes, 10.0, 30.0),
-                "at_70pct": stats(load.outcomes, 10.0, 40.0, slo_s),
+                "capacity_rps": completed_rate(over.outcomes, over_s / 3, over_s),
+                "at_70pct": stats(load.outcomes, load_s / 4, load_s, slo_s),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for policy in ("round_robin", "least_queue"):
+    for policy in policies:
         one = next(r["capacity_rps"] for r in rows if r["policy"] == policy and r["replicas"] == 1)
         for r in rows:
             if r["policy"] == policy:
@@ -225,7 +235,7 @@ def burst(
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("action", choices=["measure", "sweep", "burst", "plot"])
+    p.add_argument("action", choices=["measure", "sweep", "burst", "plot", "table"])
     p.add_argument("--model", type=Path, default=Path("models/snipserve_default.onnx"), help="measure: model")
     p.add_argument("--latency-json", type=Path, help="engine table (measure writes it; sweep/burst read it)")
     p.add_argument("--engine-figure", choices=["cpu-measured", "gpu-assumed"], default="cpu-measured")
@@ -234,29 +244,38 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--queue-capacity", type=int, default=1024, help="chips queued per replica at most")
     p.add_argument("--targets", default="64,128,256", help="burst: queued chips per replica to scale at")
     p.add_argument("--policy", choices=["round_robin", "least_queue"], default="least_queue", help="burst")
+    p.add_argument("--policies", default="round_robin,least_queue", help="sweep: balancing policies")
+    p.add_argument("--durations", default="30,40", help="sweep: simulated s of the overload and the 70 %% runs")
     p.add_argument("--max-replicas", type=int, default=16, help="burst: the ScaledObject's maxReplicaCount")
     p.add_argument("--pod-start-s", type=float, default=20.0, help="burst: new pod to ready (simulated s)")
     p.add_argument("--speed", type=float, default=1.0, help="time compression (all time constants / speed)")
     p.add_argument("--slo-s", type=float, default=5.0, help="goodput counts 200s at most this late")
     p.add_argument("--json", type=Path, help="write the result here")
     p.add_argument("--sweep-json", type=Path, help="plot: sweep result")
-    p.add_argument("--burst-json", type=Path, help="plot: burst result")
+    p.add_argument("--burst-json", type=Path, action="append", help="plot/table: burst result(s)")
     p.add_argument("--png", type=Path, help="plot: output")
 
 
 def run_cli(args: Any) -> int:
     if args.action == "measure":
         result: dict[str, Any] = measure_cpu_latency(args.model)
-    elif args.action == "plot":
-        from loadtest.cluster_plot import plot
+    elif args.action in ("plot", "table"):
+        from loadtest.cluster_plot import markdown, plot
 
-        plot(json.loads(args.sweep_json.read_text()), json.loads(args.burst_json.read_text()), args.png)
+        bursts = [json.loads(p.read_text()) for p in args.burst_json]
+        sweep_result = json.loads(args.sweep_json.read_text())
+        if args.action == "plot":
+            plot(sweep_result, bursts, args.png)
+        else:
+            print(markdown(sweep_result, bursts))
         return 0
     else:
         latency = load_latency(args.latency_json, args.engine_figure)
         cfg = ReplicaConfig(max_batch=args.max_batch, queue_capacity=args.queue_capacity)
         if args.action == "sweep":
-            result = sweep(latency, cfg, args.chips, args.speed, args.slo_s)
+            policies = tuple(args.policies.split(","))
+            over_s, load_s = (float(x) for x in args.durations.split(","))
+            result = sweep(latency, cfg, args.chips, args.speed, args.slo_s, policies, (over_s, load_s))
         else:
             targets = [float(t) for t in args.targets.split(",")]
             scaler = ScalerConfig(max_replicas=args.max_replicas, pod_start_s=args.pod_start_s)

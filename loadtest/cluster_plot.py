@@ -57,31 +57,36 @@ def _s(value: float | None) -> str:
 def markdown(sweep: dict[str, Any], bursts: list[dict[str, Any]]) -> str:
     """The README tables: capacity and p99 against N; the burst runs against the target."""
     lines = [
-        "| replicas | policy | capacity (req/s) | vs linear | p50 at 70 % (s) | p99 at 70 % (s) | statuses at 70 % |",
-        "|---|---|---|---|---|---|---|",
+        "| replicas | policy | capacity (req/s) | vs linear | p50 at 70 % (s) | p99 at 70 % (s) | goodput at 70 % "
+        "(req/s) | statuses at 70 % |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(sweep["rows"], key=lambda r: (r["replicas"], r["policy"])):
         load = r["at_70pct"]
         lines.append(
             f"| {r['replicas']} | {r['policy']} | {r['capacity_rps']:.2f} | {r['linearity']:.1%} | "
-            f"{_s(load['p50_s'])} | {_s(load['p99_s'])} | {load['statuses']} |"
+            f"{_s(load['p50_s'])} | {_s(load['p99_s'])} | {load['goodput_rps']:.2f} | {load['statuses']} |"
         )
     lines += [
         "",
-        "| target chips/replica | policy | max replicas | steady p99 (s) | ready for the load after (s) | "
-        "lag: statuses | 503 without Retry-After | peak ready | peak after (s) | p99 after peak (s) | "
-        "p99 after / steady | after the peak: statuses |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target chips/replica | policy | max replicas | ready before (mean) | steady p99 (s) | "
+        "ready for the load after (s) | "
+        "lag: statuses | lag: goodput (req/s) | 503 without Retry-After | peak ready | peak after (s) | "
+        "p99 after peak (s) | p99 after / steady | after the peak: goodput (req/s), statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for burst in bursts:
         max_replicas = burst.get("scaler", {}).get("max_replicas", 16)
         for run in burst["runs"]:
             lag, after = run["lag"], run["after_scale_up"]
+            b0 = burst["burst_window_s"][0]
+            before = [s["ready"] for s in run["timeline"] if 20.0 <= s["t"] < b0]
             bad = lag["rejected_without_retry_after"] + after["rejected_without_retry_after"]
             lines.append(
-                f"| {run['target_chips']:g} | {run['policy']} | {max_replicas} | {_s(run['steady']['p99_s'])} | "
-                f"{run['covered_s']:.1f} | {lag['statuses']} | {bad} | {run['peak_ready_replicas']} | "
-                f"{run['scale_up_complete_s']:.1f} | {_s(after['p99_s'])} | "
-                f"{_s(run['p99_after_scale_up_over_steady'])} | {after['statuses']} |"
+                f"| {run['target_chips']:g} | {run['policy']} | {max_replicas} | {sum(before) / len(before):.1f} | "
+                f"{_s(run['steady']['p99_s'])} | "
+                f"{run['covered_s']:.1f} | {lag['statuses']} | {lag['goodput_rps']:.2f} | {bad} | "
+                f"{run['peak_ready_replicas']} | {run['scale_up_complete_s']:.1f} | {_s(after['p99_s'])} | "
+                f"{_s(run['p99_after_scale_up_over_steady'])} | {after['goodput_rps']:.2f}, {after['statuses']} |"
             )
     return "\n".join(lines)

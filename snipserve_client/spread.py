@@ -2,9 +2,9 @@
 
 Frames are spread over ``connections`` WebSockets per endpoint: several replicas' addresses, or one Service
 address connected to several times (the Service balances connections over its pods). Each connection keeps
-at most ``window`` frames unanswered and pulls the next frame when a reply frees a slot, so a faster replica
-takes more frames. Results are yielded **in input order, exactly once per frame**, with ``seq`` the frame's
-input index.
+at most ``window`` frames unanswered (or the smaller window its server granted in ``ready``) and pulls the
+next frame when a reply frees a slot, so a faster replica takes more frames. Results are yielded **in input
+order, exactly once per frame**, with ``seq`` the frame's input index.
 
 Drains and failures (a replica that got SIGTERM, was scaled down or died):
 
@@ -196,10 +196,10 @@ class _Connection:
                 async with await websockets.connect(
                     self.url, additional_headers=_auth(self.api_key), max_size=None, open_timeout=cfg.timeout
                 ) as ws:
-                    _hello(await asyncio.wait_for(ws.recv(), cfg.timeout))
+                    hello = _hello(await asyncio.wait_for(ws.recv(), cfg.timeout))
                     self.spread.stats.connects += 1
                     self.delay = cfg.reconnect_min_s
-                    await self.session(ws)
+                    await self.session(ws, min(cfg.window, int(hello.get("window", cfg.window))))
             except SnipserveClientError as exc:
                 if exc.status != 503:  # refused for good (bad options, wrong API key): the stream fails
                     await self.spread.fail(exc)
@@ -209,9 +209,10 @@ class _Connection:
             await asyncio.sleep(self.delay)
             self.delay = min(2 * self.delay, cfg.reconnect_max_s)
 
-    async def session(self, ws: websockets.ClientConnection) -> None:
+    async def session(self, ws: websockets.ClientConnection, window: int) -> None:
+        """Frames in flight here at most ``window``: what was asked for, or less where the server granted less."""
         pending: collections.deque[_Frame] = collections.deque()
-        credit = asyncio.Semaphore(self.spread.config.window)
+        credit = asyncio.Semaphore(window)
         sender = asyncio.create_task(self._send(ws, pending, credit))
         receive: asyncio.Task[str | bytes] | None = None
         try:

@@ -43,9 +43,7 @@ def blob_x(i: int) -> int:
 
 def frames(n: int = FRAMES) -> list[tuple[bytes, dict[str, int]]]:
     """Frame i: one red 12x12 blob at x = 4 + 5i, so a result shows which frame it belongs to."""
-    return [
-        (png(blob_image((256, 64), [(blob_x(i), 20, blob_x(i) + 12, 32, "red")])), {"frame": i}) for i in range(n)
-    ]
+    return [(png(blob_image((256, 64), [(blob_x(i), 20, blob_x(i) + 12, 32, "red")])), {"frame": i}) for i in range(n)]
 
 
 @contextlib.contextmanager

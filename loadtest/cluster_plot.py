@@ -56,17 +56,16 @@ def _s(value: float | None) -> str:
 
 def markdown(sweep: dict[str, Any], bursts: list[dict[str, Any]]) -> str:
     """The README tables: capacity and p99 against N; the burst runs against the target."""
-    lines = [
-        "| replicas | policy | capacity (req/s) | vs linear | p50 at 70 % (s) | p99 at 70 % (s) | goodput at 70 % "
-        "(req/s) | statuses at 70 % |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    sent = all("offered_rps" in r for r in sweep["rows"])  # older results lack it
+    head = "| replicas | policy | capacity (req/s) | vs linear |" + (" sent / asked (req/s) |" if sent else "")
+    head += " p50 at 70 % (s) | p99 at 70 % (s) | goodput at 70 % (req/s) | statuses at 70 % |"
+    lines = [head, "|" + "---|" * head.count(" |")]
     for r in sorted(sweep["rows"], key=lambda r: (r["replicas"], r["policy"])):
         load = r["at_70pct"]
-        lines.append(
-            f"| {r['replicas']} | {r['policy']} | {r['capacity_rps']:.2f} | {r['linearity']:.1%} | "
-            f"{_s(load['p50_s'])} | {_s(load['p99_s'])} | {load['goodput_rps']:.2f} | {load['statuses']} |"
-        )
+        cells = [str(r["replicas"]), r["policy"], f"{r['capacity_rps']:.2f}", f"{r['linearity']:.1%}"]
+        cells += [f"{r['offered_rps']:.0f} / {r['asked_rps']:.0f}"] if sent else []
+        cells += [_s(load["p50_s"]), _s(load["p99_s"]), f"{load['goodput_rps']:.2f}", str(load["statuses"])]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "| target chips/replica | policy | max replicas | ready before (mean) | steady p99 (s) | "

@@ -135,6 +135,7 @@ def sweep(
     slo_s: float,
     policies: tuple[Policy, ...] = ("round_robin", "least_queue"),
     durations: tuple[float, float] = (30.0, 40.0),
+    counts: tuple[int, ...] = (1, 2, 4, 8),
 ) -> dict[str, Any]:
     """Capacity and p99 against N, per policy (see the module docstring). ``durations``: simulated seconds of
     the overload run (measured over its last two thirds) and of the 70 % run (measured after its first quarter)."""
@@ -142,13 +143,16 @@ def sweep(
     over_s, load_s = durations
     rows = []
     for policy in policies:
-        for n in (1, 2, 4, 8):
+        for n in counts:
             over = asyncio.run(fixed_run(latency, cfg, policy, n, 1.5 * n * per_replica, over_s, chips, speed))
             load = asyncio.run(fixed_run(latency, cfg, policy, n, 0.7 * n * per_replica, load_s, chips, speed))
             row = {
                 "policy": policy,
                 "replicas": n,
                 "capacity_rps": completed_rate(over.outcomes, over_s / 3, over_s),
+                # what the simulator managed to send (1.5 x n x engine bound asked): below it, it fell behind
+                "offered_rps": sum(1 for o in over.outcomes if over_s / 3 <= o.arrival < over_s) / (over_s * 2 / 3),
+                "asked_rps": 1.5 * n * per_replica,
                 "at_70pct": stats(load.outcomes, load_s / 4, load_s, slo_s),
             }
             print(json.dumps(row), flush=True)
@@ -245,6 +249,7 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--targets", default="64,128,256", help="burst: queued chips per replica to scale at")
     p.add_argument("--policy", choices=["round_robin", "least_queue"], default="least_queue", help="burst")
     p.add_argument("--policies", default="round_robin,least_queue", help="sweep: balancing policies")
+    p.add_argument("--replica-counts", default="1,2,4,8", help="sweep: values of N")
     p.add_argument("--durations", default="30,40", help="sweep: simulated s of the overload and the 70 %% runs")
     p.add_argument("--max-replicas", type=int, default=16, help="burst: the ScaledObject's maxReplicaCount")
     p.add_argument("--pod-start-s", type=float, default=20.0, help="burst: new pod to ready (simulated s)")
@@ -275,7 +280,8 @@ def run_cli(args: Any) -> int:
         if args.action == "sweep":
             policies = tuple(args.policies.split(","))
             over_s, load_s = (float(x) for x in args.durations.split(","))
-            result = sweep(latency, cfg, args.chips, args.speed, args.slo_s, policies, (over_s, load_s))
+            counts = tuple(int(x) for x in args.replica_counts.split(","))
+            result = sweep(latency, cfg, args.chips, args.speed, args.slo_s, policies, (over_s, load_s), counts)
         else:
             targets = [float(t) for t in args.targets.split(",")]
             scaler = ScalerConfig(max_replicas=args.max_replicas, pod_start_s=args.pod_start_s)

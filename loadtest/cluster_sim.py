@@ -149,7 +149,9 @@ class Replica:
 
     def __init__(self, index: int, latency: Latency, cfg: ReplicaConfig, speed: float, ready_at: float) -> None:
         self.index = index
+        self.created = time.monotonic()
         self.ready_at = ready_at  # wall clock (time.monotonic) when readiness turns 200
+        self.first_request: float | None = None  # wall clock of the first request routed here
         self.speed = speed
         settings = Settings(engine="fake", warmup=False, max_batch=cfg.max_batch, max_in_flight=cfg.max_in_flight)
         self.state = State(settings)
@@ -171,6 +173,8 @@ class Replica:
 
     async def handle(self, work_plan: ChipPlan, levels: list[Any]) -> tuple[int, str | None]:
         """Admission, queue, batches: ``(status, Retry-After)`` as the HTTP layer would answer."""
+        if self.first_request is None:
+            self.first_request = time.monotonic()
         try:
             with in_flight(self.state):
                 deadline = time.monotonic() + self.timeout_wall
@@ -216,6 +220,7 @@ class Cluster:
     policy: Policy
     speed: float
     replicas: list[Replica] = field(default_factory=list)
+    removed: list[Replica] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     timeline: list[dict[str, float]] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
@@ -241,6 +246,7 @@ class Cluster:
 
     def remove_newest(self) -> None:
         replica = self.replicas.pop()
+        self.removed.append(replica)
         task = asyncio.create_task(replica.drain())
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)

@@ -9,6 +9,8 @@ Examples::
     python -m loadtest run --mode closed --concurrency 8 --duration 60
     python -m loadtest sweep --slo-ms 2000 --start 0.5 --factor 1.5 \\
         --json runs/load/sweep.json --plot runs/load/sweep.png
+    python -m loadtest cluster-sim burst --latency-json docs/measurements/cluster_sim_cpu_latency.json \\
+        --json docs/measurements/cluster_sim_burst.json
     python -m loadtest soak --pid $(pgrep -f 'snipserve serve' | head -1) --requests 5000 --json runs/load/soak.json
 """
 
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--warmup-requests", type=int, default=200)
     k.add_argument("--concurrency", type=int, default=4)
     k.add_argument("--sample-every", type=int, default=100)
+    c = sub.add_parser("cluster-sim", help="simulated replicas + autoscaler (loadtest/cluster_sim.py)")
+    from loadtest.cluster_runs import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(c)
     pl = sub.add_parser("plot", help="latency-vs-throughput PNG from a run/sweep JSON")
     pl.add_argument("json_in", type=Path)
     pl.add_argument("png_out", type=Path)
@@ -165,6 +171,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cluster-sim":
+        from loadtest.cluster_runs import run_cli
+
+        return run_cli(args)
     commands = {"run": cmd_run, "sweep": cmd_sweep, "soak": cmd_soak, "plot": cmd_plot}
     return commands[args.command](args)
 

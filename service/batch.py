@@ -221,6 +221,7 @@ class Batcher:
         """Up to ``max_batch`` chips, interactive lane first, FIFO within a lane."""
         slices: list[_Slice] = []
         rows = 0
+        now = time.monotonic()
         for priority in PRIORITIES:
             lane = self._lanes[priority]
             while lane and rows < self.max_batch:
@@ -230,8 +231,9 @@ class Batcher:
                 work.cursor += take
                 rows += take
                 self._lane_pending[priority] -= take
+                metrics.QUEUE_WAIT.inc(take * (now - work.enqueued))
                 if work.started is None:
-                    work.started = time.monotonic()
+                    work.started = now
                     work.timings["queue_wait"] = work.started - work.enqueued
                 if work.remaining == 0:
                     lane.popleft()
@@ -311,6 +313,7 @@ class Batcher:
         metrics.BATCH_SIZE.observe(rows)
         metrics.BATCH_FILL.observe(rows / self.max_batch)
         metrics.CHIPS.inc(rows)
+        metrics.INFER_SECONDS.inc(rows * infer_s)
         rate = rows / max(crop_s + infer_s, 1e-6)
         self._chips_per_s = rate if self._chips_per_s == 0 else 0.9 * self._chips_per_s + 0.1 * rate
 

@@ -104,6 +104,21 @@ INPUT_MEGAPIXELS = Histogram(
     registry=REGISTRY,
 )
 CHIPS = Counter("snipserve_chips", "Chips run through the engine.", registry=REGISTRY)
+# Time counters for autoscaling on queue time (README, "Deployment on Kubernetes"). Both are chip-seconds, counted
+# in the batcher when a chip leaves the queue / its engine call returns, so a saturated queue shows at once, unlike
+# snipserve_stage_duration_seconds{stage="queue_wait"}, observed per request at its end and only to its first chip.
+# rate(QUEUE_WAIT) is the time-averaged number of queued chips (Little's law); rate(QUEUE_WAIT) / rate(INFER_SECONDS)
+# is the queue/compute ratio (mean wait of a chip / mean engine call a chip ran in).
+QUEUE_WAIT = Counter(
+    "snipserve_queue_wait_seconds",
+    "Chip-seconds queued: each chip handed to an engine batch adds the seconds it waited in the queue.",
+    registry=REGISTRY,
+)
+INFER_SECONDS = Counter(
+    "snipserve_inference_seconds",
+    "Chip-seconds of inference: each chip adds the seconds of the engine call it ran in.",
+    registry=REGISTRY,
+)
 READY = Gauge("snipserve_ready", "1 when the service is warmed up and accepting work.", registry=REGISTRY)
 MODEL_INFO = Info("snipserve_model", "Loaded model and engine.", registry=REGISTRY)
 BUILD_INFO = Info("snipserve_build", "snipserve package version of this process.", registry=REGISTRY)

@@ -1,4 +1,9 @@
-"""``snipserve stream DIR|VIDEO --url URL``: stream frames to ``WS /v1/stream`` with a bounded window.
+"""``snipserve stream DIR|VIDEO --url URL [--url URL ...] [--connections N]``: stream frames to ``WS /v1/stream``.
+
+With policy ``block`` (the default) frames are spread over ``--connections`` connections to each ``--url``
+(replicas, or one Service address), each with its own window; a replica that drains (SIGTERM, scale-down) or
+disconnects has its unanswered frames sent again elsewhere, and every frame is written once
+(:mod:`snipserve_client.spread`). Policy ``drop_oldest`` uses one connection to one URL.
 
 A directory streams its images in sorted order (files sent as they are); a video streams its frames
 (OpenCV, sent as JPEG quality 95). Replies come back in frame order; output, resume and rendering as
@@ -33,14 +38,21 @@ from service.cli.io import (
     video_frames,
 )
 from snipserve_client import AsyncClient, FrameResult, SnipserveClientError
+from snipserve_client.spread import SpreadConfig, stream_spread
 
 Pending = tuple[FrameRef, np.ndarray | None, float]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", type=Path, metavar="DIR|VIDEO", help="directory of images, or a video file")
-    parser.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--window", type=int, default=8, help="frames in flight (default 8)")
+    parser.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="server base URL, e.g. http://127.0.0.1:8000; repeat it to spread frames over several replicas",
+    )
+    parser.add_argument("--connections", type=int, default=1, help="connections per --url (default 1)")
+    parser.add_argument("--window", type=int, default=8, help="frames in flight per connection (default 8)")
     parser.add_argument(
         "--policy", choices=["block", "drop_oldest"], default="block", help="when the window is full (default block)"
     )
@@ -87,9 +99,14 @@ async def stream_all(args: argparse.Namespace, writer: ResultWriter, progress: P
             yield data, {"frame": ref.frame, "image_id": ref.image_id}
 
     api_key = args.api_key or os.environ.get("SNIPSERVE_API_KEY")
-    async with AsyncClient(args.url, api_key=api_key) as client:
-        labels = list((await client.models())["models"][0]["card"]["classes"])
-        async for reply in client.stream(frames(), window=args.window, policy=args.policy, **option_strings(args)):
+    labels = await model_labels(args.url, api_key)
+    async with AsyncClient(args.url[0], api_key=api_key) as client:
+        if args.policy == "drop_oldest":
+            replies = client.stream(frames(), window=args.window, policy=args.policy, **option_strings(args))
+        else:
+            config = SpreadConfig(window=args.window, connections=args.connections)
+            replies = stream_spread(args.url, frames(), config=config, api_key=api_key, options=option_strings(args))
+        async for reply in replies:
             ref, image, sent = pending.popleft()  # replies come in frame order
             record = reply_record(reply)
             writer.write(ref, record)
@@ -98,8 +115,25 @@ async def stream_all(args: argparse.Namespace, writer: ResultWriter, progress: P
             progress.update(now() - sent)
 
 
+async def model_labels(urls: list[str], api_key: str | None) -> list[str]:
+    """Class names of the served model, from the first URL that answers ``/v1/models``."""
+    error: SnipserveClientError | None = None
+    for url in urls:
+        async with AsyncClient(url, api_key=api_key) as client:
+            try:
+                return list((await client.models())["models"][0]["card"]["classes"])
+            except SnipserveClientError as exc:
+                error = exc
+    assert error is not None
+    raise error
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.policy == "drop_oldest" and (len(args.url) > 1 or args.connections > 1):
+            raise ValueError("--policy drop_oldest streams over one connection: give one --url and --connections 1")
+        if args.connections < 1 or args.window < 1:
+            raise ValueError("--connections and --window must be at least 1")
         writer = ResultWriter(args.output, args.format)
         if not args.source.exists():
             raise FileNotFoundError(f"no such file or directory: {args.source}")

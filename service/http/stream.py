@@ -38,7 +38,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import BadImage, InvalidOptions, SnipserveError
+from service.errors import BadImage, InvalidOptions, NotReady, SnipserveError
 from service.http.serving import State, checked_options, detect_one, error_body, failure_body, pipeline_of
 from service.options import DetectOptions
 
@@ -247,6 +247,8 @@ def stream_router(config: StreamConfig | None = None) -> APIRouter:
         state: State = ws.app.state.snipserve
         await ws.accept()
         try:
+            if state.draining:  # SIGTERM: new streams go to another replica (frames already here are answered)
+                raise NotReady("the service is shutting down; reconnect to another replica")
             params = stream_params(ws.query_params, config, state.settings.bulk_max_in_flight)
             pipeline = pipeline_of(state)
             options = checked_options(ws.query_params, pipeline)

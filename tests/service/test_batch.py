@@ -200,3 +200,24 @@ def test_pipeline_depth_defaults_by_device() -> None:
     gpu.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert make_batcher(gpu).depth == 2
     assert make_batcher(cpu, pipeline_depth=3).depth == 3
+
+
+async def test_time_counters_add_chip_seconds_queued_and_in_inference() -> None:
+    from service import metrics
+
+    delay = 0.05
+    engine = FakeEngine(max_batch=2, delay=delay)
+    b = make_batcher(engine, max_batch=2, max_delay_ms=0, pipeline_depth=1)
+    wait0, infer0 = metrics.QUEUE_WAIT._value.get(), metrics.INFER_SECONDS._value.get()
+    await b.start()
+    try:
+        # 6 chips, 2 per call, one call at a time: chips wait 0, ~1 and ~2 engine calls (2 chips each).
+        w = await b.submit(*work_for(6), threshold=0.5)
+        await asyncio.wait_for(w.future, 5)
+    finally:
+        await b.stop()
+    assert engine.calls == [2, 2, 2]
+    waited = metrics.QUEUE_WAIT._value.get() - wait0
+    inferred = metrics.INFER_SECONDS._value.get() - infer0
+    assert inferred >= 6 * delay  # each chip adds the duration of its own engine call
+    assert 2 * (1 + 2) * delay <= waited < inferred * 2  # queued behind 1 and 2 earlier calls

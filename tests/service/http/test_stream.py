@@ -87,6 +87,19 @@ async def test_bad_connection_options_are_refused_with_a_message(query: str, nee
         assert info.value.rcvd is not None and info.value.rcvd.code == 1008
 
 
+async def test_a_draining_replica_refuses_new_streams() -> None:
+    app = fake_app()
+    async with serve_in_loop(app) as base:
+        app_state(app).draining = True  # what SIGTERM sets (service/cli/serve.py)
+        async with websockets.connect(ws_url(base)) as ws:
+            reply = await recv_json(ws)
+            assert reply["type"] == "error" and reply["seq"] is None
+            assert reply["error"]["status"] == 503 and reply["error"]["code"] == "not_ready"
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1013  # try again later (elsewhere)
+
+
 async def track_in_flight(state: State, stop: asyncio.Event) -> int:
     """Largest number of detection requests in flight seen until ``stop``."""
     peak = 0

@@ -28,7 +28,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -36,8 +36,9 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.net import STRIDE, NetConfig, TinyDet
+from models.net import STRIDE, NetConfig, TinyDet, load_weights
 from models.sniper import (
+    FocusLabelConfig,
     SamplerConfig,
     build_targets,
     chip_labels,
@@ -52,6 +53,21 @@ from service.crop import resize_level
 from service.plan import PlanConfig, plan
 
 MEAN = (0.485, 0.456, 0.406)
+
+
+class FocusStageConfig(BaseModel):
+    """The focus-head stage: which chips, which labels, how often to measure the head on held-out chips."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    labels: FocusLabelConfig = Field(default_factory=FocusLabelConfig, description="FocusPixel labels.")
+    chips_per_image: int = Field(
+        default=12, ge=1, description="At most this many chips of the coarse levels per image (seeded sample)."
+    )
+    holdout: float = Field(default=0.1, ge=0, lt=1, description="Fraction of images held out to measure the head.")
+    eval_every: int = Field(default=200, ge=1, description="Steps between held-out measurements (in log.jsonl).")
+
+
 STD = (0.229, 0.224, 0.225)
 
 
@@ -110,6 +126,12 @@ class TrainConfig(BaseModel):
     )
     net: NetConfig = Field(default_factory=NetConfig, description="Architecture.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="SNIPER chips and levels.")
+    stage: Literal["detector", "focus"] = Field(
+        default="detector",
+        description="'detector': SNIPER training; 'focus': train only the focus head on a frozen detector "
+        "(needs init_from; models.focus_train).",
+    )
+    focus: FocusStageConfig = Field(default_factory=lambda: FocusStageConfig(), description="The 'focus' stage.")
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
@@ -435,6 +457,10 @@ def hardware() -> str:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of ``model.pt``."""
+    if cfg.stage == "focus":
+        from models.focus_train import train_focus
+
+        return train_focus(cfg, progress)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +471,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     previous: dict[str, Any] = {}
     if cfg.init_from is not None:
         init = torch.load(cfg.init_from, weights_only=False, map_location="cpu")
-        net.load_state_dict(init["model"])
+        load_weights(net, init["model"])
         previous = init.get("training", {})
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = cfg.out / "last.pt"
@@ -621,6 +647,6 @@ def load_trained(path: Path) -> tuple[TinyDet, dict[str, Any]]:
     """A trained net from ``model.pt`` (eval mode) and the saved metadata."""
     ck = torch.load(path, weights_only=False, map_location="cpu")
     net = TinyDet(NetConfig.model_validate(ck["net"]))
-    net.load_state_dict(ck["model"])
+    net.load_state_dict(ck["model"])  # strict: a model.pt always matches its own net config
     net.eval()
     return net, ck

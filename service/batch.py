@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
-from service.adapters import Adapter, ChipDetections
+from service.adapters import Adapter, ChipDetections, split_outputs
 from service.crop import Normalizer
 from service.engines import Engine, engine_on_gpu
 from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
@@ -80,6 +80,7 @@ class ChipWork:
     parts: list[ChipDetections] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: {"queue_wait": 0.0, "crop": 0.0, "infer": 0.0})
     started: float | None = None
+    focus: np.ndarray | None = None  # float32 [K, h, w]: the chips' focus maps, filled when the request asks
 
     @property
     def remaining(self) -> int:
@@ -276,7 +277,7 @@ class Batcher:
                 self.config.infer_timeout_s,
             )
             t2 = time.perf_counter()
-            dets = await loop.run_in_executor(self._prep_pool, self.adapter, outputs, self.engine.card, thresholds)
+            dets, focus = await loop.run_in_executor(self._prep_pool, self._decode, outputs, thresholds)
         except Exception as exc:  # noqa: BLE001 - any engine failure must fail only this batch
             metrics.ENGINE_ERRORS.inc()
             if isinstance(exc, TimeoutError):
@@ -296,7 +297,12 @@ class Batcher:
             self._slots.release()
             self._wakeup.set()
         self._account(rows, t1 - t0, t2 - t1)
-        self._distribute(slices, dets, t1 - t0, t2 - t1)
+        self._distribute(slices, dets, focus, t1 - t0, t2 - t1)
+
+    def _decode(self, outputs: list[np.ndarray], thresholds: np.ndarray) -> tuple[ChipDetections, np.ndarray | None]:
+        """The adapter on the detector's outputs (worker thread); the focus map, when the model has one, apart."""
+        det_outputs, focus = split_outputs(outputs, self.engine.card)
+        return self.adapter(det_outputs, self.engine.card, thresholds), focus
 
     def _fill(self, slices: list[_Slice], buffer: Any) -> tuple[np.ndarray, Any]:
         """Stage the batch's chips (worker thread): per-row score thresholds, and what ``staging.infer`` takes."""
@@ -314,12 +320,16 @@ class Batcher:
         rate = rows / max(crop_s + infer_s, 1e-6)
         self._chips_per_s = rate if self._chips_per_s == 0 else 0.9 * self._chips_per_s + 0.1 * rate
 
-    def _distribute(self, slices: list[_Slice], dets: ChipDetections, crop_s: float, infer_s: float) -> None:
+    def _distribute(
+        self, slices: list[_Slice], dets: ChipDetections, focus: np.ndarray | None, crop_s: float, infer_s: float
+    ) -> None:
         for s in slices:
             work = s.work
             n = s.stop - s.start
             if work.future.done():
                 continue
+            if focus is not None and work.focus is not None:
+                work.focus[s.start : s.stop] = focus[s.row : s.row + n, 0]
             rows = (dets.chip >= s.row) & (dets.chip < s.row + n)
             part = dets.select(rows)
             # batch rows -> the request's own chip indices

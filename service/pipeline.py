@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service import metrics
-from service.adapters import Adapter, ChipDetections, get_adapter
+from service.adapters import Adapter, ChipDetections, get_adapter, split_outputs
 from service.batch import Batcher, Priority
 from service.crop import Normalizer
 from service.engines import Engine, EngineConfig, create_engine
@@ -165,7 +165,8 @@ class Pipeline:
             outputs = self.staging.infer(staged)
             t2 = time.perf_counter()
             thresholds = np.full(len(sub), prepared.threshold, np.float32)
-            d = self.adapter(outputs, self.card, thresholds)
+            det_outputs, _ = split_outputs(outputs, self.card)
+            d = self.adapter(det_outputs, self.card, thresholds)
             parts.append(ChipDetections(d.chip + start, d.boxes, d.scores, d.classes))
             crop_s, infer_s = crop_s + t1 - t0, infer_s + t2 - t1
         prepared.timings["crop"] += crop_s

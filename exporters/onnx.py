@@ -5,7 +5,8 @@ dynamic batch ``B`` and returns, in this order, ``heatmap`` ``float32 [B, K, C/4
 3x3 peak-suppressed inside the graph) and ``ltrb`` ``float32 [B, 4, C/4, C/4]`` (chip px) -- the
 "snipserve" output format -- and, when the net has a focus head, ``focus`` ``float32 [B, 1, C/16, C/16]``
 (FocusPixel probabilities; the card then says ``focus: {stride: 16, output: focus}``).
-The :class:`service.modelcard.ModelCard` travels in the ONNX metadata (``snipserve.card``), so the file alone is a servable model.
+The :class:`service.modelcard.ModelCard` travels in the ONNX metadata (``snipserve.card``), so the file
+alone is a servable model.
 
 Parity: ONNX Runtime (CPU EP) and PyTorch run the same chips (random and, when given, real ones); the
 largest absolute difference is reported and must not exceed ``tolerance`` (see :class:`Parity` for how

@@ -104,11 +104,11 @@ def detections_focus_map(boxes: np.ndarray, scores: np.ndarray, level: Level, fi
 
 def focus_regions(fmap: np.ndarray, threshold: float, dilate: int) -> np.ndarray:
     """Connected regions ``int64 [R, 4]`` (xyxy, cells, exclusive ends) of ``fmap >= threshold`` dilated."""
-    mask = (fmap >= threshold).astype(np.uint8)
+    mask: np.ndarray = (fmap >= threshold).astype(np.uint8)
     if not mask.any():
         return np.zeros((0, 4), np.int64)
     if dilate:
-        mask = cv2.dilate(mask, np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8))
+        mask = np.asarray(cv2.dilate(mask, np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8)))
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     x, y, w, h = (stats[1:n, i].astype(np.int64) for i in range(4))
     return np.stack([x, y, x + w, y + h], axis=1)
@@ -189,7 +189,7 @@ def focus_step(fmap: np.ndarray, level: Level, finer: Level, chip: int, cfg: Foc
 
 def coarsest_chips(full: ChipPlan) -> np.ndarray:
     """The chips a focus run starts with: the coarsest level's whole ordinary tiling (``int32 [K, 3]``)."""
-    return full.chips[full.chips[:, 0] == len(full.levels) - 1]
+    return np.asarray(full.chips[full.chips[:, 0] == len(full.levels) - 1])
 
 
 def with_chips(full: ChipPlan, chips: np.ndarray) -> ChipPlan:

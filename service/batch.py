@@ -80,7 +80,8 @@ class ChipWork:
     parts: list[ChipDetections] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: {"queue_wait": 0.0, "crop": 0.0, "infer": 0.0})
     started: float | None = None
-    focus: np.ndarray | None = None  # float32 [K, h, w]: the chips' focus maps, filled when the request asks
+    want_focus: bool = False
+    focus: np.ndarray | None = None  # float32 [K, h, w]: the chips' focus maps, when ``want_focus``
 
     @property
     def remaining(self) -> int:
@@ -177,8 +178,10 @@ class Batcher:
         threshold: float,
         deadline: float = math.inf,
         priority: Priority = "interactive",
+        want_focus: bool = False,
     ) -> ChipWork:
         """Queue a request's chips in the ``priority`` lane; returns its :class:`ChipWork` (await ``work.future``).
+        With ``want_focus`` the chips' focus maps (models with a focus head) are kept in ``work.focus``.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
         if self._closing:
@@ -192,7 +195,14 @@ class Batcher:
                 headers={"Retry-After": str(retry)},
             )
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
-        work = ChipWork(plan=plan, level_images=level_images, threshold=threshold, future=fut, deadline=deadline)
+        work = ChipWork(
+            plan=plan,
+            level_images=level_images,
+            threshold=threshold,
+            future=fut,
+            deadline=deadline,
+            want_focus=want_focus,
+        )
         self._lanes[priority].append(work)
         self._lane_pending[priority] += n
         metrics.QUEUE_DEPTH.set(self._pending)
@@ -328,7 +338,9 @@ class Batcher:
             n = s.stop - s.start
             if work.future.done():
                 continue
-            if focus is not None and work.focus is not None:
+            if focus is not None and work.want_focus:
+                if work.focus is None:
+                    work.focus = np.zeros((work.plan.num_chips, *focus.shape[2:]), np.float32)
                 work.focus[s.start : s.stop] = focus[s.row : s.row + n, 0]
             rows = (dets.chip >= s.row) & (dets.chip < s.row + n)
             part = dets.select(rows)

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.adapters import ChipDetections
 from service.plan import ChipPlan, Level, tile_positions
 
 FocusSource = Literal["head", "detections"]
@@ -195,3 +196,85 @@ def coarsest_chips(full: ChipPlan) -> np.ndarray:
 def with_chips(full: ChipPlan, chips: np.ndarray) -> ChipPlan:
     """``full``'s levels with only ``chips`` (the ones a focus run ran, in running order)."""
     return ChipPlan(full.image_size, full.chip_size, full.levels, chips.astype(np.int32), full.edge_margin)
+
+
+@dataclass
+class LevelFocus:
+    """What a focus run did at one level: chips run, and the share of the level its FocusChips' regions cover
+    (1.0 for the coarsest level, which runs whole)."""
+
+    index: int
+    chips: int
+    area: float
+    regions: int
+
+
+class FocusRun:
+    """One request's coarse-to-fine walk (no I/O: the caller runs each level's chips and hands results back).
+
+    ``next_chips()`` gives the chips of the next level to run (``int32 [K, 3]``) or None when done;
+    ``add(chips, dets, maps)`` takes their detections (``ChipDetections``, chip = row of ``chips``) and, for
+    models with a focus head, their focus maps ``float32 [K, h, w]``. ``plan()`` / ``detections()`` are then the
+    chips that ran and their detections, ready for ``postprocess``.
+    """
+
+    def __init__(self, full: ChipPlan, cfg: FocusConfig, threshold: float) -> None:
+        self.full = full
+        self.cfg = cfg
+        self.threshold = threshold
+        self._level = len(full.levels) - 1
+        self._pending: np.ndarray | None = coarsest_chips(full)
+        self._ran: list[np.ndarray] = []
+        self._dets: list[ChipDetections] = []
+        self._area = 1.0
+        self._regions = 0
+        self.levels: list[LevelFocus] = []
+
+    def chip_threshold(self) -> float:
+        """Score threshold of the next level's chips: the fallback needs the coarse levels' weak detections."""
+        if self.cfg.source == "detections" and self._level > 0:
+            return min(self.threshold, self.cfg.threshold)
+        return self.threshold
+
+    def next_chips(self) -> np.ndarray | None:
+        return self._pending
+
+    def add(self, chips: np.ndarray, dets: ChipDetections, maps: np.ndarray | None) -> None:
+        lv = self.full.levels[self._level]
+        offset = sum(int(c.shape[0]) for c in self._ran)
+        self._ran.append(chips)
+        keep = dets.scores >= self.threshold
+        self._dets.append(
+            ChipDetections(dets.chip[keep] + offset, dets.boxes[keep], dets.scores[keep], dets.classes[keep])
+        )
+        self.levels.append(LevelFocus(lv.index, int(chips.shape[0]), round(self._area, 4), self._regions))
+        if self._level == 0:
+            self._pending = None
+            return
+        finer = self.full.levels[self._level - 1]
+        c, stride = self.full.chip_size, self.cfg.stride
+        if self.cfg.source == "head":
+            if maps is None and chips.shape[0]:
+                raise ValueError("focus source 'head' needs the chips' focus maps")
+            maps = maps if maps is not None else np.zeros((0, 1, 1), np.float32)
+            fmap = level_focus_map(maps, chips[:, 1:3], lv, c, stride)
+        else:
+            off = chips[dets.chip, 1:3].astype(np.float32)
+            fmap = detections_focus_map(dets.boxes + np.concatenate([off, off], axis=1), dets.scores, lv, finer, stride)
+        step = focus_step(fmap, lv, finer, c, self.cfg)
+        self._level -= 1
+        self._pending, self._area, self._regions = step.chips, step.area, int(step.regions.shape[0])
+
+    def plan(self) -> ChipPlan:
+        chips = np.concatenate(self._ran) if self._ran else np.zeros((0, 3), np.int32)
+        return with_chips(self.full, chips)
+
+    def detections(self) -> ChipDetections:
+        if not self._dets:
+            return ChipDetections.empty()
+        return ChipDetections(
+            *(
+                np.concatenate(x)
+                for x in zip(*((d.chip, d.boxes, d.scores, d.classes) for d in self._dets), strict=True)
+            )
+        )

@@ -104,6 +104,20 @@ INPUT_MEGAPIXELS = Histogram(
     registry=REGISTRY,
 )
 CHIPS = Counter("snipserve_chips", "Chips run through the engine.", registry=REGISTRY)
+FOCUS_CHIPS = Histogram(
+    "snipserve_focus_chips",
+    "Preset 'focus': chips run per request at each pyramid level (0 = finest).",
+    ["level"],
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
+FOCUS_AREA = Histogram(
+    "snipserve_focus_area_ratio",
+    "Preset 'focus': share of each level's image inside FocusChips regions (the coarsest level runs whole: 1).",
+    ["level"],
+    buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+    registry=REGISTRY,
+)
 READY = Gauge("snipserve_ready", "1 when the service is warmed up and accepting work.", registry=REGISTRY)
 MODEL_INFO = Info("snipserve_model", "Loaded model and engine.", registry=REGISTRY)
 BUILD_INFO = Info("snipserve_build", "snipserve package version of this process.", registry=REGISTRY)
@@ -271,3 +285,10 @@ def _as_int(source: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{source}={value!r} is not an integer") from None
+
+
+def observe_focus(levels: Sequence[Any]) -> None:
+    """Chips and focus area per level of one 'focus' request (``service.focus.LevelFocus`` records)."""
+    for lv in levels:
+        FOCUS_CHIPS.labels(level=str(lv.index)).observe(lv.chips)
+        FOCUS_AREA.labels(level=str(lv.index)).observe(lv.area)

@@ -47,6 +47,8 @@ EXPECTED_FAMILIES = {
     "snipserve_detections_per_image",
     "snipserve_input_megapixels",
     "snipserve_chips",
+    "snipserve_focus_chips",
+    "snipserve_focus_area_ratio",
     "snipserve_ready",
     "snipserve_model_info",
     "snipserve_build_info",

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.focus_labels import focus_labels
 from models.net import FOCUS_STRIDE, NetConfig, TinyDet, load_weights
-from models.sniper import focus_labels, levels_for
+from models.sniper import levels_for
 from models.synth import load_coco
 from models.train import MEAN, STD, TrainConfig, _read_rgb, hardware, lr_at, normalise, progress_at
 from service.crop import resize_level
@@ -69,7 +70,7 @@ def build_feature_pool(
         from tqdm import tqdm
 
         it = tqdm(it, total=len(items), desc="focus chips", unit="img")
-    for i, (path, boxes, _) in it:
+    for i, (path, boxes, classes) in it:
         img = _read_rgb(path)
         size = (img.shape[1], img.shape[0])
         levels = levels_for(size, sc)
@@ -84,7 +85,7 @@ def build_feature_pool(
         p4, p16 = net.features(normalise(crops))
         feats.append(net.focus.inputs(p4, p16).numpy().astype(np.float16))
         labels.extend(
-            focus_labels(levels, lvl, x0, y0, boxes, sc.chip_size, fc.labels) for lvl, x0, y0 in chips.tolist()
+            focus_labels(levels, lvl, x0, y0, boxes, sc.chip_size, fc.labels, classes) for lvl, x0, y0 in chips.tolist()
         )
         owner.extend([i] * chips.shape[0])
     if not feats:
@@ -96,6 +97,19 @@ def _crop(level_image: np.ndarray, x0: int, y0: int, chip: int) -> np.ndarray:
     from models.sniper import crop_chip
 
     return crop_chip(level_image, x0, y0, chip)[0]
+
+
+def training_items(cfg: TrainConfig) -> list[tuple[Path, np.ndarray, np.ndarray]]:
+    """The detector training's images (``data``: one COCO folder, or -- where ``models.train`` has them -- the
+    mixed sources of a sim-to-real run), so the focus stage reads the same dataset config."""
+    from models import train as detector_training
+
+    load_items = getattr(detector_training, "load_items", None)  # mixed sources (issue 11's TrainConfig)
+    if load_items is not None:
+        items: list[tuple[Path, np.ndarray, np.ndarray]] = load_items(cfg)[0]
+        return items
+    _, items = load_coco(Path(str(cfg.data)))
+    return items[: cfg.max_images] if cfg.max_images is not None else items
 
 
 def focus_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -159,9 +173,7 @@ def train_focus(cfg: TrainConfig, progress: bool = True) -> Path:
     net, init = focus_net(cfg.init_from)
     assert net.focus is not None
     _check_levels(cfg, init)
-    _, items = load_coco(cfg.data)
-    if cfg.max_images is not None:
-        items = items[: cfg.max_images]
+    items = training_items(cfg)
     t_pool = time.perf_counter()
     feats, labels, owner = build_feature_pool(net, items, cfg, progress)
     pool_seconds = time.perf_counter() - t_pool

@@ -4,7 +4,6 @@
   valid ground-truth box (``service.plan.valid_mask``) lies whole in at least one chip of its level.
 - :func:`negative_chips`: chips covering false detections of a short-trained model that fall outside the
   positive chips (SNIPER mines these with its RPN; here the detector itself plays that part).
-- :func:`focus_labels`: AutoFocus FocusPixel labels of one chip (stride 16) for the focus-head stage.
 - :func:`chip_labels` / :func:`build_targets`: ground truth seen through one chip. Boxes valid at the chip's
   level and mostly inside it are positives; invalid boxes (and boxes mostly cut off by the chip) become
   *ignore* regions: no loss there, neither foreground nor background.
@@ -50,65 +49,6 @@ class SamplerConfig(BaseModel):
     )
     neg_min_hits: int = Field(default=2, ge=1, description="A negative chip must contain this many false detections.")
     neg_max_per_level: int = Field(default=2, ge=0, description="At most this many negative chips per image and level.")
-
-
-class FocusLabelConfig(BaseModel):
-    """FocusPixel labels (AutoFocus, sec. 3): positive cells overlap objects that are small enough for a finer level.
-
-    AutoFocus marks a cell positive when it overlaps an object of 5..64 px at the chip's resolution, ignores
-    64..90 px (and below 5 px), negative otherwise. Here "small" is exactly "inside the next finer level's valid
-    range or below it" (the planner's ranges: the sweet spot (8, 64) chip px divided by that level's scale), so the
-    upper bound is the finer level's ``hi`` in original px; the ignore band goes ``ignore_factor`` above it (90/64
-    as in the paper), and objects under ``min_px`` at this level are ignored (too small to be seen here at all).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    stride: int = Field(default=16, ge=1, description="Focus map stride, chip px (the focus head's).")
-    min_px: float = Field(
-        default=2.0, ge=0, description="Objects smaller than this (sqrt area, this level's px) are ignored."
-    )
-    ignore_factor: float = Field(
-        default=1.4, ge=1.0, description="Objects up to this factor above the finer level's hi are ignored."
-    )
-
-
-def focus_labels(
-    levels: Sequence[Level], index: int, x0: int, y0: int, boxes: np.ndarray, chip: int, cfg: FocusLabelConfig
-) -> np.ndarray:
-    """FocusPixel labels ``int8 [chip / stride, chip / stride]`` of the chip at ``(x0, y0)`` (level px) of
-    ``levels[index]``: 1 positive, 0 negative, -1 ignore (also the chip's padding beyond the level image).
-
-    ``levels`` finest first (``levels_for``); ``boxes`` ``float32 [N, 4]`` xyxy original px. The finest level has
-    no finer level: every cell is ignored there.
-    """
-    n = chip // cfg.stride
-    out = np.zeros((n, n), np.int8)
-    lv = levels[index]
-    if index == 0:
-        out[:] = -1
-        return out
-    hi = levels[index - 1].hi
-    # padding: cells whose top-left corner lies beyond the level image carry no pixels
-    cw, ch = lv.width - x0, lv.height - y0
-    cells = np.arange(n) * cfg.stride
-    out[:, cells >= cw] = -1
-    out[cells >= ch, :] = -1
-    if boxes.shape[0] == 0:
-        return out
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    here = np.sqrt(np.maximum(area, 0)) * lv.scale
-    small = area <= hi * hi
-    positive = small & (here >= cfg.min_px)
-    ignore = ~positive & (area <= (cfg.ignore_factor * hi) ** 2)
-    b = boxes * lv.scale - np.array([x0, y0, x0, y0], np.float32)  # chip px
-    for paint, value in ((ignore, -1), (positive, 1)):  # positives win shared cells
-        for x1, y1, x2, y2 in b[paint].tolist():
-            ca, cb = max(int(math.floor(x1 / cfg.stride)), 0), min(int(math.ceil(x2 / cfg.stride)), n)
-            ra, rb = max(int(math.floor(y1 / cfg.stride)), 0), min(int(math.ceil(y2 / cfg.stride)), n)
-            if ca < cb and ra < rb:
-                out[ra:rb, ca:cb] = value
-    return out
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.focus_labels import FocusStageConfig
 from models.net import STRIDE, NetConfig, TinyDet, load_weights
 from models.sniper import (
-    FocusLabelConfig,
     SamplerConfig,
     build_targets,
     chip_labels,
@@ -53,21 +53,6 @@ from service.crop import resize_level
 from service.plan import PlanConfig, plan
 
 MEAN = (0.485, 0.456, 0.406)
-
-
-class FocusStageConfig(BaseModel):
-    """The focus-head stage: which chips, which labels, how often to measure the head on held-out chips."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    labels: FocusLabelConfig = Field(default_factory=FocusLabelConfig, description="FocusPixel labels.")
-    chips_per_image: int = Field(
-        default=12, ge=1, description="At most this many chips of the coarse levels per image (seeded sample)."
-    )
-    holdout: float = Field(default=0.1, ge=0, lt=1, description="Fraction of images held out to measure the head.")
-    eval_every: int = Field(default=200, ge=1, description="Steps between held-out measurements (in log.jsonl).")
-
-
 STD = (0.229, 0.224, 0.225)
 
 
@@ -131,7 +116,7 @@ class TrainConfig(BaseModel):
         description="'detector': SNIPER training; 'focus': train only the focus head on a frozen detector "
         "(needs init_from; models.focus_train).",
     )
-    focus: FocusStageConfig = Field(default_factory=lambda: FocusStageConfig(), description="The 'focus' stage.")
+    focus: FocusStageConfig = Field(default_factory=FocusStageConfig, description="The 'focus' stage.")
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:

@@ -10,11 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch)")
 
+from models.focus_labels import FocusStageConfig  # noqa: E402
 from models.focus_train import focus_loss  # noqa: E402
 from models.net import NetConfig, TinyDet, load_weights  # noqa: E402
 from models.sniper import SamplerConfig  # noqa: E402
 from models.synth import SynthConfig, write_dataset  # noqa: E402
-from models.train import FocusStageConfig, TrainConfig, load_trained, train  # noqa: E402
+from models.train import TrainConfig, load_trained, train  # noqa: E402
 from service.plan import LevelSpec  # noqa: E402
 
 pytestmark = pytest.mark.train

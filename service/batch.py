@@ -1,6 +1,6 @@
 """Dynamic batcher: chips of all in-flight requests share engine calls.
 
-One asyncio loop, one queue of requests (FIFO by chip), one wake-up event. A batch closes at
+One asyncio loop, one queue of requests per lane, one wake-up event. A batch closes at
 ``max_batch`` chips or ``max_delay`` after its first chip was queued. Up to ``pipeline_depth`` batches
 are in flight: while one runs on the engine thread, the next is cropped into its own buffer on a
 worker thread, so CPU pre/post-processing overlaps inference. Admission is all-or-nothing per request
@@ -12,6 +12,17 @@ Two priority lanes, each with its own chip budget: ``interactive`` (``/v1/detect
 ``bulk`` (streaming and batch uploads). Batches are filled from the interactive lane first, so a
 streaming client can neither fill the interactive queue (separate budget) nor delay its chips
 (strict priority); bulk chips fill whatever rows interactive work leaves free.
+
+Scheduling within a lane (``schedule``): ``fair`` (default) deals each queued request at most ``fair_quantum``
+chips per turn, round robin, so a small image's latency depends on its own chips rather than on the large images
+queued ahead of it (processor sharing in chip-sized slices); ``edf`` serves the earliest deadline first; ``fifo``
+is first in, first out by chip.
+
+Admission by time (``max_queue_wait_s``, and each request's own deadline): the batcher keeps a measured drain
+rate (chips completed per second of wall clock while busy, a moving average) and refuses at once a request whose
+estimated completion -- the chips the schedule would serve before its last chip, plus its own, at that rate --
+lies beyond the bound or its deadline (``QueueFull`` -> 503 with ``Retry-After`` = the time the queue needs to
+drain until the request would fit).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ log = logging.getLogger("snipserve.batch")
 
 Priority = Literal["interactive", "bulk"]
 PRIORITIES: tuple[Priority, ...] = ("interactive", "bulk")  # batch fill order
+Schedule = Literal["fair", "edf", "fifo"]
 
 
 class BatcherConfig(BaseModel):
@@ -63,6 +75,19 @@ class BatcherConfig(BaseModel):
         "engine runs on a GPU, 1 on the CPU, where overlapping threads would only compete with inference's own.",
     )
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
+    schedule: Schedule = Field(
+        default="fair", description="Order of chips within a lane: fair (round robin), edf (deadline) or fifo."
+    )
+    fair_quantum: int = Field(default=2, ge=1, description="fair: chips a request gets per turn of the round robin.")
+    max_queue_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Refuse (503) a request whose estimated completion at the measured drain rate is further away "
+        "than this; unset: only the chip capacity and each request's deadline bound admission.",
+    )
+    drain_smoothing: float = Field(
+        default=0.2, gt=0, le=1, description="Weight of the newest batch in the drain-rate moving average."
+    )
 
 
 @dataclass(eq=False)
@@ -128,8 +153,10 @@ class Batcher:
         self._prep_pool = ThreadPoolExecutor(self.depth, thread_name_prefix="snipserve-prep")
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        self._running: list[list[_Slice]] = []  # slices of the batches in flight (for the wait estimate)
         self._closing = False
-        self._chips_per_s = 0.0  # moving estimate for Retry-After
+        self._chips_per_s = 0.0  # measured drain rate (chips per wall-clock second while busy), moving average
+        self._last_done = 0.0  # time.monotonic() when the last batch completed
         metrics.QUEUE_CAPACITY.set(config.queue_capacity)
         metrics.QUEUE_DEPTH.set(0)
 
@@ -179,9 +206,12 @@ class Batcher:
         deadline: float = math.inf,
         priority: Priority = "interactive",
         want_focus: bool = False,
+        continuation: bool = False,
     ) -> ChipWork:
         """Queue a request's chips in the ``priority`` lane; returns its :class:`ChipWork` (await ``work.future``).
-        With ``want_focus`` the chips' focus maps (models with a focus head) are kept in ``work.focus``.
+        With ``want_focus`` the chips' focus maps (models with a focus head) are kept in ``work.focus``;
+        ``continuation`` marks a later part of an admitted request (a focus run's finer level): the time bound is
+        not applied again, the chip capacity is.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
         if self._closing:
@@ -194,6 +224,8 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 headers={"Retry-After": str(retry)},
             )
+        if not continuation:
+            self._admit_by_time(n, deadline, priority)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
             plan=plan,
@@ -208,6 +240,59 @@ class Batcher:
         metrics.QUEUE_DEPTH.set(self._pending)
         self._wakeup.set()
         return work
+
+    @property
+    def drain_rate(self) -> float:
+        """Measured chips per second (0 until the first batch completes)."""
+        return self._chips_per_s
+
+    def chips_ahead(self, n: int, deadline: float, priority: Priority) -> int:
+        """Chips the schedule serves before a new request of ``n`` chips completes (its own excluded).
+
+        Higher lanes first; within the lane: ``fifo`` everything queued, ``edf`` what has an earlier or equal
+        deadline, ``fair`` each queued request's chips up to ``n`` (round robin ends a request's turns with its
+        last chip); plus the chips of batches already running."""
+        ahead = sum(s.stop - s.start for b in self._running for s in b)
+        for lane_priority in PRIORITIES:
+            lane = self._lanes[lane_priority]
+            if lane_priority != priority:
+                ahead += self._lane_pending[lane_priority]
+                continue
+            if self.config.schedule == "fifo":
+                ahead += self._lane_pending[priority]
+            elif self.config.schedule == "edf":
+                ahead += sum(w.remaining for w in lane if w.deadline <= deadline)
+            else:
+                ahead += sum(min(w.remaining, n) for w in lane)
+            break
+        return ahead
+
+    def estimated_wait(self, n: int, deadline: float = math.inf, priority: Priority = "interactive") -> float | None:
+        """Seconds until a new request of ``n`` chips would complete, at the measured drain rate (None: no rate)."""
+        if self._chips_per_s <= 0:
+            return None
+        return (self.chips_ahead(n, deadline, priority) + n) / self._chips_per_s
+
+    def _admit_by_time(self, n: int, deadline: float, priority: Priority) -> None:
+        """Refuse at once (503) what cannot complete within ``max_queue_wait_s`` or its own deadline."""
+        wait = self.estimated_wait(n, deadline, priority)
+        if wait is None:
+            return
+        metrics.QUEUE_ESTIMATED_WAIT.set(wait)
+        budget = deadline - time.monotonic()
+        bound = self.config.max_queue_wait_s
+        allowed = min(budget, bound if bound is not None else math.inf)
+        if wait <= allowed:
+            return
+        # Retry when enough of what is ahead has drained for this request to fit: (wait - allowed) seconds, but
+        # never sooner than draining its own chips (with allowed <= 0 there is no "fit" to wait for).
+        retry = max(1, math.ceil(max(wait - max(allowed, 0.0), n / self._chips_per_s)))
+        what = f"the queueing bound of {bound:g} s" if allowed == bound else f"the request's deadline ({budget:.1f} s)"
+        raise QueueFull(
+            f"estimated completion in {wait:.1f} s ({n} chips at {self._chips_per_s:.0f} chips/s behind "
+            f"{self.chips_ahead(n, deadline, priority)}) exceeds {what}",
+            headers={"Retry-After": str(retry)},
+        )
 
     # ---- the loop --------------------------------------------------------------------------
     def _drop_dead(self) -> None:
@@ -229,15 +314,21 @@ class Batcher:
         metrics.QUEUE_DEPTH.set(self._pending)
 
     def _take_batch(self) -> list[_Slice]:
-        """Up to ``max_batch`` chips, interactive lane first, FIFO within a lane."""
+        """Up to ``max_batch`` chips, interactive lane first; within a lane by ``config.schedule``."""
         slices: list[_Slice] = []
         rows = 0
+        quantum = self.config.fair_quantum if self.config.schedule == "fair" else self.max_batch
         for priority in PRIORITIES:
             lane = self._lanes[priority]
+            if self.config.schedule == "edf" and len(lane) > 1:
+                self._lanes[priority] = lane = collections.deque(sorted(lane, key=lambda w: (w.deadline, w.enqueued)))
             while lane and rows < self.max_batch:
                 work = lane[0]
-                take = min(work.remaining, self.max_batch - rows)
-                slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
+                take = min(work.remaining, self.max_batch - rows, quantum)
+                if slices and slices[-1].work is work:  # its turn came round again within this batch
+                    slices[-1].stop += take
+                else:
+                    slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
                 work.cursor += take
                 rows += take
                 self._lane_pending[priority] -= take
@@ -246,6 +337,8 @@ class Batcher:
                     work.timings["queue_wait"] = work.started - work.enqueued
                 if work.remaining == 0:
                     lane.popleft()
+                elif self.config.schedule == "fair":
+                    lane.rotate(-1)  # next turn to the next request
         metrics.QUEUE_DEPTH.set(self._pending)
         return slices
 
@@ -278,6 +371,8 @@ class Batcher:
     async def _run_batch(self, slices: list[_Slice], buffer: Any) -> None:
         loop = asyncio.get_running_loop()
         rows = sum(s.stop - s.start for s in slices)
+        started = time.monotonic()
+        self._running.append(slices)
         try:
             t0 = time.perf_counter()
             thresholds, staged = await loop.run_in_executor(self._prep_pool, self._fill, slices, buffer)
@@ -303,10 +398,11 @@ class Batcher:
                     s.work.future.set_exception(err)
             return
         finally:
+            self._running.remove(slices)
             self._buffers.append(buffer)
             self._slots.release()
             self._wakeup.set()
-        self._account(rows, t1 - t0, t2 - t1)
+        self._account(rows, started)
         self._distribute(slices, dets, focus, t1 - t0, t2 - t1)
 
     def _decode(self, outputs: list[np.ndarray], thresholds: np.ndarray) -> tuple[ChipDetections, np.ndarray | None]:
@@ -323,12 +419,18 @@ class Batcher:
             thresholds[s.row : s.row + s.stop - s.start] = s.work.threshold
         return thresholds, self.staging.fill(parts, buffer)
 
-    def _account(self, rows: int, crop_s: float, infer_s: float) -> None:
+    def _account(self, rows: int, started: float) -> None:
         metrics.BATCH_SIZE.observe(rows)
         metrics.BATCH_FILL.observe(rows / self.max_batch)
         metrics.CHIPS.inc(rows)
-        rate = rows / max(crop_s + infer_s, 1e-6)
-        self._chips_per_s = rate if self._chips_per_s == 0 else 0.9 * self._chips_per_s + 0.1 * rate
+        # Drain rate on the wall clock: this batch's chips over the time since the previous batch completed (or
+        # since it started, after an idle gap) -- with overlapping batches that is the rate the queue empties at.
+        now = time.monotonic()
+        rate = rows / max(now - max(self._last_done, started), 1e-6)
+        self._last_done = now
+        a = self.config.drain_smoothing
+        self._chips_per_s = rate if self._chips_per_s == 0 else (1 - a) * self._chips_per_s + a * rate
+        metrics.QUEUE_DRAIN_RATE.set(self._chips_per_s)
 
     def _distribute(
         self, slices: list[_Slice], dets: ChipDetections, focus: np.ndarray | None, crop_s: float, infer_s: float

@@ -87,6 +87,16 @@ CHIPS_PER_REQUEST = Histogram(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge("snipserve_queue_depth_chips", "Chips waiting for an engine call.", registry=REGISTRY)
+QUEUE_DRAIN_RATE = Gauge(
+    "snipserve_queue_drain_rate_chips_per_second",
+    "Measured chips completed per second of wall clock while busy (moving average; Retry-After uses it).",
+    registry=REGISTRY,
+)
+QUEUE_ESTIMATED_WAIT = Gauge(
+    "snipserve_queue_estimated_wait_seconds",
+    "Estimated completion time of the latest request at admission (chips ahead + its own, at the drain rate).",
+    registry=REGISTRY,
+)
 QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)
 IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
 REJECTIONS = Counter("snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY)

@@ -257,10 +257,14 @@ class Pipeline:
             return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
         # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
         run = FocusRun(prepared.plan, focus, prepared.threshold)
+        first = True
         while (chips := run.next_chips()) is not None:
             sub = dataclasses.replace(prepared.plan, chips=chips)
-            dets, maps = await self._submit(batcher, prepared, sub, run.chip_threshold(), deadline, priority)
+            dets, maps = await self._submit(
+                batcher, prepared, sub, run.chip_threshold(), deadline, priority, continuation=not first
+            )
             run.add(chips, dets, maps)
+            first = first and sub.num_chips == 0
         result = await loop.run_in_executor(None, self.finish_focus, prepared, run, options)
         metrics.CHIPS_PER_REQUEST.observe(result.num_chips)
         metrics.observe_focus(result.focus or [])
@@ -274,6 +278,7 @@ class Pipeline:
         threshold: float,
         deadline: float,
         priority: Priority,
+        continuation: bool = False,
     ) -> tuple[ChipDetections, np.ndarray | None]:
         """``plan``'s chips through the batcher; their detections and (focus-head models) focus maps."""
         if plan.num_chips == 0:

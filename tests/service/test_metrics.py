@@ -41,6 +41,8 @@ EXPECTED_FAMILIES = {
     "snipserve_chips_per_request",
     "snipserve_queue_depth_chips",
     "snipserve_queue_capacity_chips",
+    "snipserve_queue_drain_rate_chips_per_second",
+    "snipserve_queue_estimated_wait_seconds",
     "snipserve_in_flight_requests",
     "snipserve_rejections",
     "snipserve_engine_errors",

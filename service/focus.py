@@ -41,9 +41,9 @@ class FocusConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     threshold: float = Field(default=0.3, ge=0, description="Focus cells at or above this value are in focus.")
-    dilate: int = Field(default=1, ge=0, le=16, description="Dilation of the thresholded map, in cells.")
+    dilate: int = Field(default=0, ge=0, le=16, description="Dilation of the thresholded map, in cells.")
     min_size: int = Field(
-        default=128, ge=0, description="Regions are grown to at least this side in the finer level's px."
+        default=0, ge=0, description="Regions are grown to at least this side in the finer level's px (0: one chip)."
     )
     stride: int = Field(default=16, ge=1, description="Focus map stride, chip px.")
     source: FocusSource = Field(default="head", description="The model's focus head, or the detection fallback.")

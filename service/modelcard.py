@@ -37,6 +37,11 @@ class FocusSpec(BaseModel):
         default=None, description="Engine output with focus probabilities [B, 1, C/stride, C/stride]; null = fallback."
     )
     threshold: float = Field(default=0.3, ge=0, le=1, description="Default focus threshold of the 'focus' preset.")
+    # Defaults measured (README, focus section): dilating by one cell or growing regions to 128 px cost more chips
+    # than they saved AP -- the labels already cover every cell an object overlaps, and snapping to whole chips
+    # gives each region at least one C x C chip of context.
+    dilate: int = Field(default=0, ge=0, le=16, description="Dilation of the thresholded focus map, cells.")
+    min_size: int = Field(default=0, ge=0, description="FocusChips regions grow to this side, finer-level px.")
 
 
 class ModelCard(BaseModel):

@@ -144,7 +144,9 @@ class Pipeline:
         spec = self.card.focus_spec
         source: FocusSource = "head" if spec.output is not None else "detections"
         threshold = spec.threshold if options.focus_threshold is None else options.focus_threshold
-        return FocusConfig(threshold=threshold, stride=spec.stride, source=source)
+        return FocusConfig(
+            threshold=threshold, stride=spec.stride, source=source, dilate=spec.dilate, min_size=spec.min_size
+        )
 
     def threshold(self, options: DetectOptions) -> float:
         return self.card.score_threshold if options.score_threshold is None else options.score_threshold

@@ -70,7 +70,7 @@ def sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pyramid and focus at each of ``thresholds`` on the dataset at ``data_dir``; the results dict."""
-    from service.engine import EngineConfig
+    from service.engines import EngineConfig
     from service.pipeline import Pipeline
 
     cfg = cfg or EvalConfig()

@@ -104,7 +104,8 @@ def test_tensorrt_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
 def test_export_with_focus_head(tmp_path: Path) -> None:
     from exporters.onnx import build_card
     from service.adapters import split_outputs
-    from service.engine import EngineConfig, OnnxRuntimeEngine
+    from service.engines import EngineConfig
+    from service.engines.onnxruntime import OnnxRuntimeEngine
 
     weights = make_weights(tmp_path, focus=True)
     out = tmp_path / "focus.onnx"

@@ -9,7 +9,7 @@ import pytest
 
 from models.evaluate import EvalConfig, mode_options
 from models.focus_eval import markdown, replay, write
-from service.engine import FAKE_CARD, FAKE_FOCUS_CARD
+from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD
 from service.modelcard import ModelCard
 from tests.service.test_pipeline_focus import boxes, pipeline, scene
 

@@ -18,6 +18,7 @@ from service import metrics
 # Every label any snipserve_ family may carry; anything else risks unbounded series.
 ALLOWED_LABELS = {
     "route",
+    "level",  # pyramid level index of the focus metrics: a handful of values
     "status",
     "stage",
     "reason",

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from service.batch import Batcher
-from service.engine import FakeEngine
+from service.engines.fake import FakeEngine
 from service.errors import QueueFull
 from tests.service.test_batch import make_batcher, work_for
 

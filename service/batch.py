@@ -13,16 +13,19 @@ Two priority lanes, each with its own chip budget: ``interactive`` (``/v1/detect
 streaming client can neither fill the interactive queue (separate budget) nor delay its chips
 (strict priority); bulk chips fill whatever rows interactive work leaves free.
 
-Scheduling within a lane (``schedule``): ``fair`` (default) deals each queued request at most ``fair_quantum``
-chips per turn, round robin, so a small image's latency depends on its own chips rather than on the large images
-queued ahead of it (processor sharing in chip-sized slices); ``edf`` serves the earliest deadline first; ``fifo``
-is first in, first out by chip.
+Scheduling within a lane (``schedule``). The batcher keeps a measured drain rate (chips completed per second of
+wall clock while busy, a moving average). ``edf`` (default): earliest deadline first on a per-request *target*,
+``admission + edf_stretch x (its own chips / drain rate) + edf_slack_s``, capped by its hard deadline (the
+client's deadline and ``max_queue_wait_s`` after admission): a request's latency then follows its own size, and
+an old large request's target eventually comes first (no starvation). ``fair``: round robin, ``fair_quantum``
+chips per request per turn (processor sharing). ``fifo``: first in, first out by chip.
 
-Admission by time (``max_queue_wait_s``, and each request's own deadline): the batcher keeps a measured drain
-rate (chips completed per second of wall clock while busy, a moving average) and refuses at once a request whose
-estimated completion -- the chips the schedule would serve before its last chip, plus its own, at that rate --
-lies beyond the bound or its deadline (``QueueFull`` -> 503 with ``Retry-After`` = the time the queue needs to
-drain until the request would fit).
+Admission by time: a request is refused at once (``QueueFull`` -> 503 + ``Retry-After``) when it cannot complete
+by its hard deadline at the drain rate. Under ``edf`` the check is the schedule's own: the lane in target order
+with the newcomer inserted must complete every request by its hard deadline (the newcomer, and anyone it would
+push late), so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the time
+until the request would fit (its own lateness, or until the requests it would push late are done). Under ``fair``
+and ``fifo`` the newcomer's own estimated completion is checked.
 """
 
 from __future__ import annotations
@@ -76,8 +79,12 @@ class BatcherConfig(BaseModel):
     )
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
     schedule: Schedule = Field(
-        default="fair", description="Order of chips within a lane: fair (round robin), edf (deadline) or fifo."
+        default="edf", description="Order of chips within a lane: edf (size-aware targets), fair (round robin), fifo."
     )
+    edf_stretch: float = Field(
+        default=4.0, gt=0, description="edf: target latency = this x the request's own service time + edf_slack_s."
+    )
+    edf_slack_s: float = Field(default=0.5, ge=0, description="edf: constant part of a request's target latency.")
     fair_quantum: int = Field(default=2, ge=1, description="fair: chips a request gets per turn of the round robin.")
     max_queue_wait_s: float | None = Field(
         default=None,
@@ -99,6 +106,8 @@ class ChipWork:
     threshold: float
     future: asyncio.Future[ChipDetections]
     deadline: float = math.inf  # time.monotonic()
+    target: float = math.inf  # edf: the order key (size-aware target completion time)
+    hard: float = math.inf  # admission's promise: complete by then (client deadline, queueing bound)
     enqueued: float = field(default_factory=time.monotonic)
     cursor: int = 0  # next chip to hand to a batch
     done: int = 0  # chips with results
@@ -224,8 +233,9 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 headers={"Retry-After": str(retry)},
             )
+        target, hard = self._targets(n, deadline)
         if not continuation:
-            self._admit_by_time(n, deadline, priority)
+            self._admit_by_time(n, target, hard, priority)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
             plan=plan,
@@ -233,6 +243,8 @@ class Batcher:
             threshold=threshold,
             future=fut,
             deadline=deadline,
+            target=target,
+            hard=hard,
             want_focus=want_focus,
         )
         self._lanes[priority].append(work)
@@ -250,8 +262,8 @@ class Batcher:
         """Chips the schedule serves before a new request of ``n`` chips completes (its own excluded).
 
         Higher lanes first; within the lane: ``fifo`` everything queued, ``edf`` what has an earlier or equal
-        deadline, ``fair`` each queued request's chips up to ``n`` (round robin ends a request's turns with its
-        last chip); plus the chips of batches already running."""
+        target (``deadline`` is the newcomer's target there), ``fair`` each queued request's chips up to ``n``
+        (round robin ends a request's turns with its last chip); plus the chips of batches already running."""
         ahead = sum(s.stop - s.start for b in self._running for s in b)
         for lane_priority in PRIORITIES:
             lane = self._lanes[lane_priority]
@@ -261,7 +273,7 @@ class Batcher:
             if self.config.schedule == "fifo":
                 ahead += self._lane_pending[priority]
             elif self.config.schedule == "edf":
-                ahead += sum(w.remaining for w in lane if w.deadline <= deadline)
+                ahead += sum(w.remaining for w in lane if w.target <= deadline)
             else:
                 ahead += sum(min(w.remaining, n) for w in lane)
             break
@@ -273,26 +285,66 @@ class Batcher:
             return None
         return (self.chips_ahead(n, deadline, priority) + n) / self._chips_per_s
 
-    def _admit_by_time(self, n: int, deadline: float, priority: Priority) -> None:
-        """Refuse at once (503) what cannot complete within ``max_queue_wait_s`` or its own deadline."""
-        wait = self.estimated_wait(n, deadline, priority)
-        if wait is None:
-            return
-        metrics.QUEUE_ESTIMATED_WAIT.set(wait)
-        budget = deadline - time.monotonic()
+    def _targets(self, n: int, deadline: float) -> tuple[float, float]:
+        """(target, hard deadline) of a new request of ``n`` chips with the client's ``deadline``."""
+        now = time.monotonic()
         bound = self.config.max_queue_wait_s
-        allowed = min(budget, bound if bound is not None else math.inf)
-        if wait <= allowed:
+        hard = min(deadline, now + bound) if bound is not None else deadline
+        if self.config.schedule != "edf" or self._chips_per_s <= 0:
+            return hard, hard
+        own = n / self._chips_per_s
+        return min(hard, now + self.config.edf_stretch * own + self.config.edf_slack_s), hard
+
+    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority) -> None:
+        """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""
+        rate = self._chips_per_s
+        if rate <= 0:
             return
-        # Retry when enough of what is ahead has drained for this request to fit: (wait - allowed) seconds, but
-        # never sooner than draining its own chips (with allowed <= 0 there is no "fit" to wait for).
-        retry = max(1, math.ceil(max(wait - max(allowed, 0.0), n / self._chips_per_s)))
-        what = f"the queueing bound of {bound:g} s" if allowed == bound else f"the request's deadline ({budget:.1f} s)"
+        now = time.monotonic()
+        if self.config.schedule == "edf":
+            own_done, late_until = self._edf_check(n, target, priority, now)
+        else:
+            own_done, late_until = now + (self.chips_ahead(n, target, priority) + n) / rate, now
+        metrics.QUEUE_ESTIMATED_WAIT.set(own_done - now)
+        if own_done <= hard and late_until <= now:
+            return
+        # Retry when it would fit: its own lateness has drained, and whoever it would push late is done.
+        retry = max(1, math.ceil(max(own_done - hard, late_until - now, n / rate)))
+        bound = self.config.max_queue_wait_s
+        what = (
+            f"the queueing bound of {bound:g} s"
+            if bound is not None and hard - now >= bound - 0.1  # set a moment ago in _targets
+            else f"the request's deadline ({hard - now:.1f} s)"
+        )
+        if own_done <= hard:
+            what = "the deadlines of requests it would delay"
         raise QueueFull(
-            f"estimated completion in {wait:.1f} s ({n} chips at {self._chips_per_s:.0f} chips/s behind "
-            f"{self.chips_ahead(n, deadline, priority)}) exceeds {what}",
+            f"estimated completion in {own_done - now:.1f} s ({n} chips at {rate:.0f} chips/s) would miss {what}",
             headers={"Retry-After": str(retry)},
         )
+
+    def _edf_check(self, n: int, target: float, priority: Priority, now: float) -> tuple[float, float]:
+        """Under ``edf``: (the newcomer's projected completion, the time until every request it would push past its
+        hard deadline has completed -- ``now`` when none) with the newcomer inserted in target order."""
+        rate = self._chips_per_s
+        t = now + sum(s.stop - s.start for b in self._running for s in b) / rate
+        for lane_priority in PRIORITIES:  # higher lanes are served first
+            if lane_priority == priority:
+                break
+            t += self._lane_pending[lane_priority] / rate
+        own_done, late_until = math.inf, now
+        order = sorted(self._lanes[priority], key=lambda w: (w.target, w.enqueued))
+        inserted = False
+        for w in order:
+            if not inserted and target < w.target:
+                t += n / rate
+                own_done, inserted = t, True
+            t += w.remaining / rate
+            if inserted and t > w.hard >= t - n / rate:  # on time without the newcomer, late with it
+                late_until = max(late_until, t - n / rate)
+        if not inserted:
+            own_done = t + n / rate
+        return own_done, late_until
 
     # ---- the loop --------------------------------------------------------------------------
     def _drop_dead(self) -> None:
@@ -321,7 +373,7 @@ class Batcher:
         for priority in PRIORITIES:
             lane = self._lanes[priority]
             if self.config.schedule == "edf" and len(lane) > 1:
-                self._lanes[priority] = lane = collections.deque(sorted(lane, key=lambda w: (w.deadline, w.enqueued)))
+                self._lanes[priority] = lane = collections.deque(sorted(lane, key=lambda w: (w.target, w.enqueued)))
             while lane and rows < self.max_batch:
                 work = lane[0]
                 take = min(work.remaining, self.max_batch - rows, quantum)

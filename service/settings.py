@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     infer_timeout_s: float = from_config(BatcherConfig, "infer_timeout_s")
     schedule: Schedule = from_config(BatcherConfig, "schedule")
     fair_quantum: int = from_config(BatcherConfig, "fair_quantum")
+    edf_stretch: float = from_config(BatcherConfig, "edf_stretch")
+    edf_slack_s: float = from_config(BatcherConfig, "edf_slack_s")
     max_queue_wait_s: float | None = from_config(BatcherConfig, "max_queue_wait_s")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")

@@ -140,3 +140,39 @@ def test_drain_rate_is_chips_over_wall_clock_between_completions(monkeypatch: py
     clock[0] = 101.0
     b._account(6, started=100.9)  # after an idle gap: only its own 0.1 s counts
     assert b.drain_rate == pytest.approx(0.5 * 60 + 0.5 * 60)
+
+
+async def test_edf_targets_follow_the_requests_own_size() -> None:
+    engine = FakeEngine(max_batch=2, delay=0.01)
+    b = make_batcher(engine, max_batch=2, max_delay_ms=0.0, schedule="edf")
+    await b.start()
+    try:
+        await measured(b, chips=8)
+        big = await b.submit(*work_for(30), threshold=0.5)
+        small = await b.submit(*work_for(2), threshold=0.5)
+        assert small.target < big.target  # its own service time is shorter
+        await asyncio.wait_for(small.future, 5)
+        assert not big.future.done()  # the small request did not wait for the large one ahead of it
+        await asyncio.wait_for(big.future, 10)
+    finally:
+        await b.stop()
+
+
+async def test_edf_refuses_a_request_that_would_push_an_admitted_one_late() -> None:
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="edf", max_queue_wait_s=60.0)
+    await b.start()
+    try:
+        await measured(b)
+        rate = b.drain_rate
+        # an admitted request with a hard deadline it just meets: ~2 s of chips, deadline 2.4 s away
+        tight = await b.submit(*work_for(int(rate * 2)), threshold=0.5, deadline=time.monotonic() + 2.4)
+        assert tight.hard < time.monotonic() + 2.4
+        # a newcomer with an earlier target whose chips would make the tight one miss its deadline
+        with pytest.raises(QueueFull, match="requests it would delay") as info:
+            await b.submit(*work_for(int(rate * 1.0)), threshold=0.5, deadline=time.monotonic() + 1.5)
+        retry = int(info.value.headers["Retry-After"])
+        assert 1 <= retry <= 3  # until the tight request is done (about 2 s)
+        tight.future.cancel()
+    finally:
+        await b.stop()

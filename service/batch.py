@@ -216,11 +216,13 @@ class Batcher:
         priority: Priority = "interactive",
         want_focus: bool = False,
         continuation: bool = False,
+        arrival: float | None = None,
     ) -> ChipWork:
         """Queue a request's chips in the ``priority`` lane; returns its :class:`ChipWork` (await ``work.future``).
         With ``want_focus`` the chips' focus maps (models with a focus head) are kept in ``work.focus``;
         ``continuation`` marks a later part of an admitted request (a focus run's finer level): the time bound is
-        not applied again, the chip capacity is.
+        not applied again, the chip capacity is. ``arrival`` (``time.monotonic()``, default now) is when the
+        request reached the service: the queueing bound counts from there, so decoding counts against it.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
         if self._closing:
@@ -233,9 +235,9 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 headers={"Retry-After": str(retry)},
             )
-        target, hard = self._targets(n, deadline)
+        target, hard = self._targets(n, deadline, arrival)
         if not continuation:
-            self._admit_by_time(n, target, hard, priority)
+            self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
             plan=plan,
@@ -285,17 +287,25 @@ class Batcher:
             return None
         return (self.chips_ahead(n, deadline, priority) + n) / self._chips_per_s
 
-    def _targets(self, n: int, deadline: float) -> tuple[float, float]:
+    def admit(
+        self, n: int, deadline: float = math.inf, priority: Priority = "interactive", arrival: float | None = None
+    ) -> None:
+        """Refuse (``QueueFull``) now what ``submit`` would refuse by time -- before the caller decodes the image."""
+        target, hard = self._targets(n, deadline, arrival)
+        self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
+
+    def _targets(self, n: int, deadline: float, arrival: float | None = None) -> tuple[float, float]:
         """(target, hard deadline) of a new request of ``n`` chips with the client's ``deadline``."""
         now = time.monotonic()
         bound = self.config.max_queue_wait_s
-        hard = min(deadline, now + bound) if bound is not None else deadline
+        start = now if arrival is None else min(arrival, now)
+        hard = min(deadline, start + bound) if bound is not None else deadline
         if self.config.schedule != "edf" or self._chips_per_s <= 0:
             return hard, hard
         own = n / self._chips_per_s
-        return min(hard, now + self.config.edf_stretch * own + self.config.edf_slack_s), hard
+        return min(hard, start + self.config.edf_stretch * own + self.config.edf_slack_s), hard
 
-    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority) -> None:
+    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> None:
         """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""
         rate = self._chips_per_s
         if rate <= 0:
@@ -311,11 +321,7 @@ class Batcher:
         # Retry when it would fit: its own lateness has drained, and whoever it would push late is done.
         retry = max(1, math.ceil(max(own_done - hard, late_until - now, n / rate)))
         bound = self.config.max_queue_wait_s
-        what = (
-            f"the queueing bound of {bound:g} s"
-            if bound is not None and hard - now >= bound - 0.1  # set a moment ago in _targets
-            else f"the request's deadline ({hard - now:.1f} s)"
-        )
+        what = f"the queueing bound of {bound:g} s" if by_bound else f"the request's deadline ({hard - now:.1f} s)"
         if own_done <= hard:
             what = "the deadlines of requests it would delay"
         raise QueueFull(

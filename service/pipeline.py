@@ -151,6 +151,16 @@ class Pipeline:
     def threshold(self, options: DetectOptions) -> float:
         return self.card.score_threshold if options.score_threshold is None else options.score_threshold
 
+    def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> int:
+        """Chips a request will submit first (all of them; a focus run's coarsest level), from the image size only."""
+        try:
+            chip_plan = plan(image_size, self.plan_config(options))
+        except (PlanError, ValueError) as exc:
+            raise InvalidOptions(str(exc)) from exc
+        if self.focus_config(options) is None:
+            return chip_plan.num_chips
+        return int((chip_plan.chips[:, 0] == len(chip_plan.levels) - 1).sum())
+
     def check_classes(self, options: DetectOptions) -> None:
         if options.classes is not None:
             bad = [c for c in options.classes if not 0 <= c < len(self.card.classes)]
@@ -246,8 +256,10 @@ class Pipeline:
         batcher: Batcher,
         deadline: float = math.inf,
         priority: Priority = "interactive",
+        arrival: float | None = None,
     ) -> Result:
-        """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane)."""
+        """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane);
+        ``arrival`` (``time.monotonic()``) is when the request reached the service, for the queueing bound."""
         loop = asyncio.get_running_loop()
         focus = self.focus_config(options)
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
@@ -255,7 +267,9 @@ class Pipeline:
         prepared.timings |= {"queue_wait": 0.0, "infer": 0.0}
         if focus is None:
             metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
-            chip_dets, _ = await self._submit(batcher, prepared, prepared.plan, prepared.threshold, deadline, priority)
+            chip_dets, _ = await self._submit(
+                batcher, prepared, prepared.plan, prepared.threshold, deadline, priority, arrival=arrival
+            )
             return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
         # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
         run = FocusRun(prepared.plan, focus, prepared.threshold)
@@ -263,7 +277,14 @@ class Pipeline:
         while (chips := run.next_chips()) is not None:
             sub = dataclasses.replace(prepared.plan, chips=chips)
             dets, maps = await self._submit(
-                batcher, prepared, sub, run.chip_threshold(), deadline, priority, continuation=not first
+                batcher,
+                prepared,
+                sub,
+                run.chip_threshold(),
+                deadline,
+                priority,
+                continuation=not first,
+                arrival=arrival,
             )
             run.add(chips, dets, maps)
             first = first and sub.num_chips == 0
@@ -281,6 +302,7 @@ class Pipeline:
         deadline: float,
         priority: Priority,
         continuation: bool = False,
+        arrival: float | None = None,
     ) -> tuple[ChipDetections, np.ndarray | None]:
         """``plan``'s chips through the batcher; their detections and (focus-head models) focus maps."""
         if plan.num_chips == 0:

@@ -97,6 +97,18 @@ class BatcherConfig(BaseModel):
     )
 
 
+@dataclass(frozen=True)
+class Submission:
+    """How a request's chips join the queue, besides the chips themselves."""
+
+    arrival: float | None = None  # time.monotonic() when the request reached the service (the bound counts from it)
+    want_focus: bool = False  # keep the chips' focus maps (models with a focus head) in ``ChipWork.focus``
+    continuation: bool = False  # a later part of an admitted request (a focus run's finer level): no time check
+
+
+NEW_REQUEST = Submission()
+
+
 @dataclass(eq=False)
 class ChipWork:
     """One request's chips in the queue. Results accumulate per batch until every chip is done."""
@@ -214,15 +226,10 @@ class Batcher:
         threshold: float,
         deadline: float = math.inf,
         priority: Priority = "interactive",
-        want_focus: bool = False,
-        continuation: bool = False,
-        arrival: float | None = None,
+        how: Submission = NEW_REQUEST,
     ) -> ChipWork:
         """Queue a request's chips in the ``priority`` lane; returns its :class:`ChipWork` (await ``work.future``).
-        With ``want_focus`` the chips' focus maps (models with a focus head) are kept in ``work.focus``;
-        ``continuation`` marks a later part of an admitted request (a focus run's finer level): the time bound is
-        not applied again, the chip capacity is. ``arrival`` (``time.monotonic()``, default now) is when the
-        request reached the service: the queueing bound counts from there, so decoding counts against it.
+        ``how``: see :class:`Submission`.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
         if self._closing:
@@ -235,8 +242,8 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 headers={"Retry-After": str(retry)},
             )
-        target, hard = self._targets(n, deadline, arrival)
-        if not continuation:
+        target, hard = self._targets(n, deadline, how.arrival)
+        if not how.continuation:
             self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
@@ -247,7 +254,7 @@ class Batcher:
             deadline=deadline,
             target=target,
             hard=hard,
-            want_focus=want_focus,
+            want_focus=how.want_focus,
         )
         self._lanes[priority].append(work)
         self._lane_pending[priority] += n

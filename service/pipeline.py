@@ -19,7 +19,7 @@ import numpy as np
 
 from service import metrics
 from service.adapters import Adapter, ChipDetections, get_adapter, split_outputs
-from service.batch import Batcher, Priority
+from service.batch import Batcher, Priority, Submission
 from service.crop import Normalizer
 from service.engines import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
@@ -71,6 +71,16 @@ class Prepared:
     level_images: list[Any]  # where the pipeline's staging keeps them: host memory, or the GPU
     threshold: float
     timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where one request's chips go: the shared batcher, with the request's deadline, lane and arrival time."""
+
+    batcher: Batcher
+    deadline: float
+    priority: Priority
+    arrival: float | None
 
 
 class Pipeline:
@@ -265,27 +275,17 @@ class Pipeline:
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
         prepared = await loop.run_in_executor(None, self.prepare, image, options)
         prepared.timings |= {"queue_wait": 0.0, "infer": 0.0}
+        route = _Route(batcher, deadline, priority, arrival)
         if focus is None:
             metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
-            chip_dets, _ = await self._submit(
-                batcher, prepared, prepared.plan, prepared.threshold, deadline, priority, arrival=arrival
-            )
+            chip_dets, _ = await self._submit(route, prepared, prepared.plan, prepared.threshold)
             return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
         # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
         run = FocusRun(prepared.plan, focus, prepared.threshold)
         first = True
         while (chips := run.next_chips()) is not None:
             sub = dataclasses.replace(prepared.plan, chips=chips)
-            dets, maps = await self._submit(
-                batcher,
-                prepared,
-                sub,
-                run.chip_threshold(),
-                deadline,
-                priority,
-                continuation=not first,
-                arrival=arrival,
-            )
+            dets, maps = await self._submit(route, prepared, sub, run.chip_threshold(), continuation=not first)
             run.add(chips, dets, maps)
             first = first and sub.num_chips == 0
         result = await loop.run_in_executor(None, self.finish_focus, prepared, run, options)
@@ -294,21 +294,14 @@ class Pipeline:
         return result
 
     async def _submit(
-        self,
-        batcher: Batcher,
-        prepared: Prepared,
-        plan: ChipPlan,
-        threshold: float,
-        deadline: float,
-        priority: Priority,
-        continuation: bool = False,
-        arrival: float | None = None,
+        self, route: _Route, prepared: Prepared, plan: ChipPlan, threshold: float, continuation: bool = False
     ) -> tuple[ChipDetections, np.ndarray | None]:
         """``plan``'s chips through the batcher; their detections and (focus-head models) focus maps."""
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
         want_focus = self.card.focus is not None and self.card.focus.output is not None
-        work = await batcher.submit(plan, prepared.level_images, threshold, deadline, priority, want_focus=want_focus)
+        how = Submission(arrival=route.arrival, want_focus=want_focus, continuation=continuation)
+        work = await route.batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
         chip_dets = await work.future
         for k in ("crop", "queue_wait", "infer"):
             prepared.timings[k] += work.timings[k]

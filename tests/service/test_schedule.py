@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.batch import Batcher
+from service.batch import Batcher, Submission
 from service.engines.fake import FakeEngine
 from service.errors import QueueFull
 from tests.service.test_batch import make_batcher, work_for
@@ -73,7 +73,7 @@ async def test_refuses_at_once_beyond_the_queueing_bound_with_retry_after_from_t
         rate = b.drain_rate
         backlog = int(rate * 3)  # about three seconds of work
         assert b.estimated_wait(backlog) is not None
-        big = await b.submit(*work_for(backlog), threshold=0.5, continuation=True)  # bound not applied
+        big = await b.submit(*work_for(backlog), threshold=0.5, how=Submission(continuation=True))  # bound not applied
         t0 = time.monotonic()
         with pytest.raises(QueueFull) as info:
             await b.submit(*work_for(4), threshold=0.5)
@@ -112,7 +112,7 @@ async def test_fair_admits_a_small_request_behind_a_backlog_that_fifo_refuses() 
         await b.start()
         try:
             await measured(b)
-            big = await b.submit(*work_for(int(b.drain_rate * 3)), threshold=0.5, continuation=True)
+            big = await b.submit(*work_for(int(b.drain_rate * 3)), threshold=0.5, how=Submission(continuation=True))
             try:
                 small = await b.submit(*work_for(2), threshold=0.5)
             except QueueFull:

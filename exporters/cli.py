@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "when `snipserve eval --mode focus` met the goal on every split)",
     )
     parser.add_argument(
-        "--focus-threshold", type=float, default=0.3, help="the card's default focus threshold (focus head models)"
+        "--focus-threshold", type=float, default=0.05, help="the card's default focus threshold (focus head models)"
     )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - torch|")

@@ -93,7 +93,7 @@ def build_card(
     score_threshold: float = 0.3,
     max_per_chip: int = 100,
     default_mode: Literal["pyramid", "focus"] = "pyramid",
-    focus_threshold: float = 0.3,
+    focus_threshold: float = 0.05,
 ) -> ModelCard:
     """Model card for a ``model.pt`` checkpoint's metadata (see :func:`models.train.train`).
 
@@ -255,7 +255,7 @@ def export_onnx(
     name: str = "snipserve-default",
     parity_data: Path | None = None,
     default_mode: Literal["pyramid", "focus"] = "pyramid",
-    focus_threshold: float = 0.3,
+    focus_threshold: float = 0.05,
 ) -> ExportReport:
     """Export ``model.pt`` at ``weights`` to ``out`` (ONNX with card); raises :class:`ParityError` on mismatch.
 

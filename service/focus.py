@@ -40,7 +40,7 @@ class FocusConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    threshold: float = Field(default=0.3, ge=0, description="Focus cells at or above this value are in focus.")
+    threshold: float = Field(default=0.05, ge=0, description="Focus cells at or above this value are in focus.")
     dilate: int = Field(default=0, ge=0, le=16, description="Dilation of the thresholded map, in cells.")
     min_size: int = Field(
         default=0, ge=0, description="Regions are grown to at least this side in the finer level's px (0: one chip)."

@@ -74,15 +74,7 @@ def sweep(
     from service.pipeline import Pipeline
 
     cfg = cfg or EvalConfig()
-    coco, items = load_coco(data_dir)
-    if cfg.max_images is not None:
-        keep = {im["id"] for im in coco["images"][: cfg.max_images]}
-        coco = {
-            **coco,
-            "images": coco["images"][: cfg.max_images],
-            "annotations": [a for a in coco["annotations"] if a["image_id"] in keep],
-        }
-        items = items[: cfg.max_images]
+    coco, items = _dataset(data_dir, cfg.max_images)
     pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=cfg.threads, max_batch=cfg.max_batch))
     chip = pipe.card.input_size
     pyramid_opts = mode_options("pyramid", chip, cfg)
@@ -109,20 +101,7 @@ def sweep(
             dets[k] += _coco_dets(res, im["id"], cat_ids)
             chips[k] += res.num_chips
             by_level[k][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))
-    n = max(len(items), 1)
-    scored = {k: coco_scores(coco, v) for k, v in dets.items()}
-    base = scored["pyramid"]
-    rows = []
-    for k in dets:
-        r = {m: round(scored[k][m], 4) for m in METRICS}
-        r |= {
-            "chips_per_image": round(chips[k] / n, 2),
-            "chips_per_image_by_level": [round(float(c) / n, 2) for c in by_level[k]],
-            "chips_ratio": round(chips["pyramid"] / max(chips[k], 1), 3),
-            "AP_lost_points": round(100 * (base["AP"] - scored[k]["AP"]), 2),
-            "AP_S_lost_points": round(100 * (base["AP_S"] - scored[k]["AP_S"]), 2),
-        }
-        rows.append({"threshold": None if k == "pyramid" else float(k), **r})
+    rows = _rows({k: coco_scores(coco, v) for k, v in dets.items()}, chips, by_level, len(items))
     focus_rows = [r for r in rows if r["threshold"] is not None]
     meets = [r for r in focus_rows if r["chips_ratio"] >= GOAL_RATIO and r["AP_lost_points"] <= GOAL_AP_LOST]
     best = max(meets, key=lambda r: r["chips_ratio"]) if meets else None
@@ -139,6 +118,37 @@ def sweep(
         "settings": cfg.model_dump(),
         "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on its chips' outputs",
     }
+
+
+def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:
+    """The COCO dict and items of ``data_dir``, cut to the first ``max_images`` images."""
+    coco, items = load_coco(data_dir)
+    if max_images is None:
+        return coco, items
+    keep = {im["id"] for im in coco["images"][:max_images]}
+    images = coco["images"][:max_images]
+    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}, items[
+        :max_images
+    ]
+
+
+def _rows(
+    scored: dict[str, dict[str, Any]], chips: dict[str, int], by_level: dict[str, np.ndarray], images: int
+) -> list[dict[str, Any]]:
+    """One row per configuration ('pyramid' first, then each threshold): COCO AP, chips, ratios to the pyramid."""
+    n, base = max(images, 1), scored["pyramid"]
+    rows = []
+    for k in scored:
+        r = {m: round(scored[k][m], 4) for m in METRICS}
+        r |= {
+            "chips_per_image": round(chips[k] / n, 2),
+            "chips_per_image_by_level": [round(float(c) / n, 2) for c in by_level[k]],
+            "chips_ratio": round(chips["pyramid"] / max(chips[k], 1), 3),
+            "AP_lost_points": round(100 * (base["AP"] - scored[k]["AP"]), 2),
+            "AP_S_lost_points": round(100 * (base["AP_S"] - scored[k]["AP_S"]), 2),
+        }
+        rows.append({"threshold": None if k == "pyramid" else float(k), **r})
+    return rows
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,29 @@ def _split(owner: np.ndarray, n_images: int, cfg: TrainConfig) -> tuple[np.ndarr
     return np.flatnonzero(~held[owner]), np.flatnonzero(held[owner])
 
 
+@dataclass
+class FocusPool:
+    """The cached head inputs and labels of every chip, split by image into training and held-out chips."""
+
+    feats: np.ndarray  # float16 [N, 2h, C/16, C/16]
+    labels: np.ndarray  # int8 [N, C/16, C/16]
+    train_idx: np.ndarray
+    held_idx: np.ndarray
+    images: int
+    seconds: float
+
+
+@dataclass
+class FocusState:
+    """What a checkpoint restores: the net (head trainable), its optimiser, the batch RNG, step and time."""
+
+    net: TinyDet
+    opt: torch.optim.Optimizer
+    rng: np.random.Generator
+    step: int = 0
+    elapsed: float = 0.0
+
+
 def train_focus(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) the focus-head stage; returns the path of ``model.pt``."""
     if cfg.init_from is None:
@@ -173,72 +197,84 @@ def train_focus(cfg: TrainConfig, progress: bool = True) -> Path:
     net, init = focus_net(cfg.init_from)
     assert net.focus is not None
     _check_levels(cfg, init)
-    items = training_items(cfg)
-    t_pool = time.perf_counter()
-    feats, labels, owner = build_feature_pool(net, items, cfg, progress)
-    pool_seconds = time.perf_counter() - t_pool
-    train_idx, held_idx = _split(owner, len(items), cfg)
-    if train_idx.size == 0:
-        raise ValueError("no training chips left after the hold-out split; lower focus.holdout")
+    pool = _pool(net, cfg, progress)
     opt = torch.optim.AdamW(net.focus.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng([cfg.seed, 13])
-    step, elapsed = 0, 0.0
+    state = FocusState(net, opt, np.random.default_rng([cfg.seed, 13]))
     ckpt_path = cfg.out / "last.pt"
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         net.focus.load_state_dict(ck["focus"])
         opt.load_state_dict(ck["optim"])
-        step, elapsed = ck["step"], ck["elapsed"]
-        rng.bit_generator.state = ck["rng"]
+        state.step, state.elapsed = ck["step"], ck["elapsed"]
+        state.rng.bit_generator.state = ck["rng"]
         torch.set_rng_state(ck["torch_rng"])
-        print(f"resumed from {ckpt_path} at step {step}")
+        print(f"resumed from {ckpt_path} at step {state.step}")
+    _loop(cfg, pool, state, progress)
+    _save(ckpt_path, net, opt, state.step, state.elapsed, state.rng)
+    held = measure(net, pool.feats[pool.held_idx], pool.labels[pool.held_idx])
+    return _write_model(cfg, state, init, pool, held)
+
+
+def _pool(net: TinyDet, cfg: TrainConfig, progress: bool) -> FocusPool:
+    items = training_items(cfg)
+    t0 = time.perf_counter()
+    feats, labels, owner = build_feature_pool(net, items, cfg, progress)
+    seconds = time.perf_counter() - t0
+    train_idx, held_idx = _split(owner, len(items), cfg)
+    if train_idx.size == 0:
+        raise ValueError("no training chips left after the hold-out split; lower focus.holdout")
     pos_share = float((labels[train_idx] == 1).sum() / max((labels[train_idx] >= 0).sum(), 1))
     print(
         f"{len(items)} images, {len(owner)} chips ({train_idx.size} train, {held_idx.size} held out), "
-        f"{pos_share:.1%} of labelled cells positive; pool {pool_seconds:.0f}s"
+        f"{pos_share:.1%} of labelled cells positive; pool {seconds:.0f}s"
     )
+    return FocusPool(feats, labels, train_idx, held_idx, len(items), seconds)
+
+
+def _loop(cfg: TrainConfig, pool: FocusPool, state: FocusState, progress: bool) -> None:
+    """Steps until the step count or the time budget is spent; logs, measures, checkpoints."""
+    net, opt, rng = state.net, state.opt, state.rng
+    assert net.focus is not None
     log = (cfg.out / "log.jsonl").open("a")
     bar: Any = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="focus", unit="step")
-    held: dict[str, Any] = {}
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="focus", unit="step")
     t_last = time.perf_counter()
-    while progress_at(step, elapsed + time.perf_counter() - t_last, cfg) < 1.0:
-        idx = rng.choice(train_idx, size=min(cfg.batch_size, train_idx.size), replace=False)
-        lr = lr_at(step, cfg, elapsed + time.perf_counter() - t_last)
+    while progress_at(state.step, state.elapsed + time.perf_counter() - t_last, cfg) < 1.0:
+        idx = rng.choice(pool.train_idx, size=min(cfg.batch_size, pool.train_idx.size), replace=False)
+        lr = lr_at(state.step, cfg, state.elapsed + time.perf_counter() - t_last)
         for g in opt.param_groups:
             g["lr"] = lr
         net.focus.train()
-        logits = net.focus.head(torch.from_numpy(feats[idx].astype(np.float32)))
-        loss = focus_loss(logits, torch.from_numpy(labels[idx]))
+        loss = focus_loss(net.focus.head(torch.from_numpy(pool.feats[idx].astype(np.float32))),
+                          torch.from_numpy(pool.labels[idx]))  # fmt: skip
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
+        state.step += 1
         now = time.perf_counter()
-        rec: dict[str, Any] = {"step": step, "loss": loss.item(), "lr": lr, "elapsed": elapsed + now - t_last}
-        if step % cfg.focus.eval_every == 0:
-            held = measure(net, feats[held_idx], labels[held_idx])
-            rec["held_out"] = held
-        if step % cfg.log_every == 0 or step == 1 or "held_out" in rec:
+        rec: dict[str, Any] = {
+            "step": state.step,
+            "loss": loss.item(),
+            "lr": lr,
+            "elapsed": state.elapsed + now - t_last,
+        }
+        if state.step % cfg.focus.eval_every == 0:
+            rec["held_out"] = measure(net, pool.feats[pool.held_idx], pool.labels[pool.held_idx])
+        if state.step % cfg.log_every == 0 or state.step == 1 or "held_out" in rec:
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % cfg.checkpoint_every == 0:
-            elapsed += now - t_last
-            t_last = now
-            _save(ckpt_path, net, opt, step, elapsed, rng)
-    elapsed += time.perf_counter() - t_last
+        if state.step % cfg.checkpoint_every == 0:
+            state.elapsed, t_last = state.elapsed + now - t_last, now
+            _save(cfg.out / "last.pt", net, opt, state.step, state.elapsed, rng)
+    state.elapsed += time.perf_counter() - t_last
     log.close()
     if bar is not None:
         bar.close()
-    _save(ckpt_path, net, opt, step, elapsed, rng)
-    held = measure(net, feats[held_idx], labels[held_idx])
-    return _write_model(cfg, net, init, step, elapsed, pool_seconds, len(items), len(owner), held)
 
 
 def _save(path: Path, net: TinyDet, opt: torch.optim.Optimizer, step: int, elapsed: float, rng: Any) -> None:
@@ -257,26 +293,19 @@ def _save(path: Path, net: TinyDet, opt: torch.optim.Optimizer, step: int, elaps
 
 
 def _write_model(
-    cfg: TrainConfig,
-    net: TinyDet,
-    init: dict[str, Any],
-    step: int,
-    elapsed: float,
-    pool_seconds: float,
-    images: int,
-    chips: int,
-    held: dict[str, Any],
+    cfg: TrainConfig, state: FocusState, init: dict[str, Any], pool: FocusPool, held: dict[str, Any]
 ) -> Path:
     """``<out>/model.pt``: the init checkpoint's metadata, the whole net, and this stage in ``training``."""
+    net, step, elapsed = state.net, state.step, state.elapsed
     previous = dict(init.get("training", {}))
     stage = {
         "stage": "focus",
         "steps": step,
         "train_seconds": round(elapsed, 1),
         "init_from": str(cfg.init_from),
-        "images": images,
-        "chips": chips,
-        "chip_pool_seconds": round(pool_seconds, 1),
+        "images": pool.images,
+        "chips": int(pool.labels.shape[0]),
+        "chip_pool_seconds": round(pool.seconds, 1),
         "labels": cfg.focus.labels.model_dump(),
         "held_out": held,
         "hardware": hardware(),

@@ -144,17 +144,21 @@ def measure(net: TinyDet, feats: np.ndarray, labels: np.ndarray) -> dict[str, An
 
 
 def _check_levels(cfg: TrainConfig, init: dict[str, Any]) -> None:
-    """The focus labels must use the levels the detector was trained (and will be served) with."""
+    """The head sees the detector's chips: chip size and sweet spot must be the detector's. The levels may differ
+    (a card can serve other levels than the detector was trained on): the labels follow ``cfg.sampler.levels``, the
+    levels the focus map will be used with, and ``model.pt`` records them."""
     theirs = init.get("sampler")
     if theirs is None:
         return
     ours = cfg.sampler.model_dump(mode="json")
-    diff = [k for k in ("chip_size", "levels", "sweet_spot") if json.dumps(ours[k]) != json.dumps(theirs.get(k))]
+    diff = [k for k in ("chip_size", "sweet_spot") if json.dumps(ours[k]) != json.dumps(theirs.get(k))]
     if diff:
         raise ValueError(
             f"sampler {diff} differ from {cfg.init_from}'s ({[theirs.get(k) for k in diff]}): "
-            "the focus head must be trained on the detector's own levels"
+            "the focus head must see chips as the detector does"
         )
+    if json.dumps(ours["levels"]) != json.dumps(theirs.get("levels")):
+        print(f"focus labels for levels {ours['levels']} (the detector was trained on {theirs.get('levels')})")
 
 
 def _split(owner: np.ndarray, n_images: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -320,6 +324,7 @@ def _write_model(
             **init,
             "model": net.state_dict(),
             "net": net.cfg.model_dump(),
+            "sampler": cfg.sampler.model_dump(mode="json"),  # the levels the head was trained for
             "mean": init.get("mean", MEAN),
             "std": init.get("std", STD),
             "focus": {"stride": FOCUS_STRIDE, "output": "focus"},

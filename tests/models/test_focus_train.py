@@ -70,10 +70,10 @@ def test_focus_stage_trains_only_the_head_and_resumes(detector: tuple[Path, Path
     assert load_trained(out)[1]["training"]["focus"]["steps"] == 45
 
 
-def test_focus_stage_refuses_other_levels_and_missing_init(detector: tuple[Path, Path], tmp_path: Path) -> None:
+def test_focus_stage_refuses_another_chip_size_and_missing_init(detector: tuple[Path, Path], tmp_path: Path) -> None:
     data, det = detector
-    other = SAMPLER.model_copy(update={"levels": (LevelSpec(scale=1.0), LevelSpec(long_side=128))})
-    with pytest.raises(ValueError, match="levels"):
+    other = SAMPLER.model_copy(update={"chip_size": 96})
+    with pytest.raises(ValueError, match="chip_size"):
         train(config(data, tmp_path / "a", steps=2, stage="focus", init_from=det, sampler=other), progress=False)
     with pytest.raises(ValueError, match="init_from"):
         train(config(data, tmp_path / "b", steps=2, stage="focus"), progress=False)

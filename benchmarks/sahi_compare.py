@@ -20,6 +20,8 @@ Configurations (all on the same model):
 - ``snipserve-equal``: our pipeline with *the same slicing*: one level at scale 1 with the same overlap,
   plus one whole-image level (long side ``C``): equal chips, so the ratio measures the implementation.
 - ``snipserve-default``: our pipeline with the model card's default pyramid (what the service runs).
+- ``snipserve-focus`` (every card has the preset; models without a focus head use the detection fallback) and
+  ``snipserve-focus-t<T>`` for each ``--focus-threshold T``: the default levels coarse to fine in FocusChips only.
 
 - ``snipserve-default-service`` (with ``--in-flight K``): the default pyramid through the service's
   dynamic batcher with ``K`` images in flight, as ``snipserve serve`` runs it under load (cropping of the
@@ -321,6 +323,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--levels", action="append", default=[], metavar="NAME=JSON",
         help='extra snipserve configuration, e.g. coarse=\'[{"scale": 0.6}, {"long_side": 256}]\'',
     )  # fmt: skip
+    p.add_argument(
+        "--focus-threshold", type=float, action="append", default=[],
+        help="one more focus row (snipserve-focus-t<T>) at this focus threshold; repeat for several",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 
@@ -345,8 +351,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     methods.append(engine_only_method(pipeline, default_opts, args.batch))
     for preset in card.preset_names:
+        if preset == "pyramid" and card.default_mode == "pyramid":
+            continue  # the same run as snipserve-default
         opts = DetectOptions(preset=preset, score_threshold=threshold, max_detections=1000)
         methods.append(pipeline_method(f"snipserve-{preset}", pipeline, opts, []))
+    for t in args.focus_threshold:
+        opts = DetectOptions(preset="focus", focus_threshold=t, score_threshold=threshold, max_detections=1000)
+        methods.append(pipeline_method(f"snipserve-focus-t{t:g}", pipeline, opts, []))
     for item in args.levels:
         name, _, levels = item.partition("=")
         opts = DetectOptions.model_validate(

@@ -30,6 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="COCO folder whose first images give real chips for the parity check",
     )
+    parser.add_argument(
+        "--default-mode",
+        choices=["pyramid", "focus"],
+        default="pyramid",
+        help="what preset 'default' runs: every chip, or FocusChips coarse to fine (needs a focus head; set it only "
+        "when `snipserve eval --mode focus` met the goal on every split)",
+    )
+    parser.add_argument(
+        "--focus-threshold", type=float, default=0.05, help="the card's default focus threshold (focus head models)"
+    )
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |onnx - torch|")
     from exporters.tensorrt import add_tensorrt_arguments  # no heavy imports at module level
@@ -48,7 +58,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = OnnxExportConfig(opset=args.opset, tolerance=args.tolerance)
     try:
         report = export_onnx(
-            args.weights, args.out, cfg, evaluation=evaluation, name=args.name, parity_data=args.parity_data
+            args.weights,
+            args.out,
+            cfg,
+            evaluation=evaluation,
+            name=args.name,
+            parity_data=args.parity_data,
+            default_mode=args.default_mode,
+            focus_threshold=args.focus_threshold,
         )
     except ParityError as exc:
         print(f"export failed parity: {exc}", file=sys.stderr)

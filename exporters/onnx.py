@@ -3,8 +3,10 @@
 The exported graph takes ``images`` ``float32 [B, 3, C, C]`` (RGB, ``(x / 255 - mean) / std``) with a
 dynamic batch ``B`` and returns, in this order, ``heatmap`` ``float32 [B, K, C/4, C/4]`` (class probabilities,
 3x3 peak-suppressed inside the graph) and ``ltrb`` ``float32 [B, 4, C/4, C/4]`` (chip px) -- the
-"snipserve" output format. The :class:`service.modelcard.ModelCard` travels in the ONNX metadata
-(``snipserve.card``), so the file alone is a servable model.
+"snipserve" output format -- and, when the net has a focus head, ``focus`` ``float32 [B, 1, C/16, C/16]``
+(FocusPixel probabilities; the card then says ``focus: {stride: 16, output: focus}``).
+The :class:`service.modelcard.ModelCard` travels in the ONNX metadata (``snipserve.card``), so the file
+alone is a servable model.
 
 Parity: ONNX Runtime (CPU EP) and PyTorch run the same chips (random and, when given, real ones); the
 largest absolute difference is reported and must not exceed ``tolerance`` (see :class:`Parity` for how
@@ -17,16 +19,23 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.modelcard import ModelCard, card_metadata
+from service.modelcard import FocusSpec, ModelCard, card_metadata
 from service.plan import LevelSpec
 
 OUTPUT_NAMES = ("heatmap", "ltrb")
+FOCUS_OUTPUT = "focus"
 INPUT_NAME = "images"
+FOCUS_STRIDE = 16  # models.net.FOCUS_STRIDE (not imported: this module must not need torch to build cards)
+
+
+def output_names(focus: bool) -> tuple[str, ...]:
+    """The exported graph's outputs, in order."""
+    return (*OUTPUT_NAMES, FOCUS_OUTPUT) if focus else OUTPUT_NAMES
 
 
 class OnnxExportConfig(BaseModel):
@@ -83,8 +92,14 @@ def build_card(
     presets: dict[str, tuple[LevelSpec, ...]] | None = None,
     score_threshold: float = 0.3,
     max_per_chip: int = 100,
+    default_mode: Literal["pyramid", "focus"] = "pyramid",
+    focus_threshold: float = 0.05,
 ) -> ModelCard:
-    """Model card for a ``model.pt`` checkpoint's metadata (see :func:`models.train.train`)."""
+    """Model card for a ``model.pt`` checkpoint's metadata (see :func:`models.train.train`).
+
+    A checkpoint with a focus head (``meta["net"]["focus_head"]``) gets ``focus: {stride, output}``;
+    ``default_mode="focus"`` makes preset 'default' run FocusChips -- a decision for whoever exports, made on the
+    measured focus-vs-pyramid results (``snipserve eval --mode focus``)."""
     sampler = meta["sampler"]
     levels = tuple(LevelSpec.model_validate(s) for s in sampler["levels"])
     chip = int(sampler["chip_size"])
@@ -97,6 +112,10 @@ def build_card(
         }
     training = dict(meta.get("training", {}))
     training.setdefault("method", "SNIPER chips at the default levels, invalid GT ignored, negative chip mining")
+    has_focus = bool(meta.get("net", {}).get("focus_head", False))
+    focus = FocusSpec(stride=FOCUS_STRIDE, output=FOCUS_OUTPUT, threshold=focus_threshold) if has_focus else None
+    if default_mode == "focus" and focus is None:
+        raise ValueError("default_mode 'focus' needs a checkpoint with a focus head")
     return ModelCard(
         name=name,
         version=version,
@@ -107,19 +126,21 @@ def build_card(
         std=tuple(meta["std"]),
         output_format="snipserve",
         input_name=INPUT_NAME,
-        output_names=OUTPUT_NAMES,
+        output_names=output_names(has_focus),
         sweet_spot=tuple(sampler["sweet_spot"]),
         default_levels=levels,
         presets=presets,
         score_threshold=score_threshold,
         max_per_chip=max_per_chip,
+        focus=focus,
+        default_mode=default_mode,
         training=training,
         evaluation=evaluation or {},
     )
 
 
-def export_module(module: Any, chip: int, path: Path, opset: int = 17) -> None:
-    """Write ``module`` (``images -> (heatmap, ltrb)``) to ``path`` with a dynamic batch axis."""
+def export_module(module: Any, chip: int, path: Path, opset: int = 17, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Write ``module`` (``images -> (heatmap, ltrb[, focus])``, outputs ``names``) to ``path``, dynamic batch."""
     import torch
 
     module.eval()
@@ -133,8 +154,8 @@ def export_module(module: Any, chip: int, path: Path, opset: int = 17) -> None:
             (dummy,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}},
+            output_names=list(names),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}},
             opset_version=opset,
             dynamo=False,
         )
@@ -168,7 +189,7 @@ class Parity:
     """
 
     heatmap: float  # max |diff| of heatmap where both runtimes agree on keep/drop
-    ltrb: float  # max |diff| of ltrb, all cells
+    ltrb: float  # max |diff| of ltrb, all cells (and of the focus map, when the model has one)
     heatmap_all_cells: float  # max |diff| of heatmap including peak flips
     peak_flips: int
     cells: int
@@ -210,7 +231,10 @@ def check_parity(
             t = torch.from_numpy(x)
             ref = [o.numpy() for o in module(t)]
             raw = torch.sigmoid(module.net(t)[0]).numpy()
-        got = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        names = [o.name for o in sess.get_outputs()]
+        got = sess.run(names, {INPUT_NAME: x})
+        for extra, want in zip(got[2:], ref[2:], strict=True):  # the focus map: a plain continuous output
+            d_ltrb = max(d_ltrb, float(np.abs(extra - want).max()))
         diff = np.abs(got[0] - ref[0])
         flip = (got[0] > 0) != (ref[0] > 0)
         d_all = max(d_all, float(diff.max()))
@@ -230,6 +254,8 @@ def export_onnx(
     evaluation: dict[str, Any] | None = None,
     name: str = "snipserve-default",
     parity_data: Path | None = None,
+    default_mode: Literal["pyramid", "focus"] = "pyramid",
+    focus_threshold: float = 0.05,
 ) -> ExportReport:
     """Export ``model.pt`` at ``weights`` to ``out`` (ONNX with card); raises :class:`ParityError` on mismatch.
 
@@ -240,9 +266,11 @@ def export_onnx(
 
     cfg = cfg or OnnxExportConfig()
     net, meta = load_trained(weights)
-    card = build_card(meta, name=name, evaluation=evaluation)
+    card = build_card(
+        meta, name=name, evaluation=evaluation, default_mode=default_mode, focus_threshold=focus_threshold
+    )
     wrapper = ExportWrapper(net)
-    export_module(wrapper, card.input_size, out, cfg.opset)
+    export_module(wrapper, card.input_size, out, cfg.opset, card.output_names or OUTPUT_NAMES)
     attach_card(out, card)
     real = real_chips_from(parity_data, card) if parity_data is not None else None
     parity = check_parity(wrapper, out, card.input_size, cfg, real)

@@ -5,6 +5,8 @@
   pass, no valid ranges, no inner-edge filter, merged with hard NMS at IoU 0.5.
 - ``pyramid``: the model card's default SNIP levels (or another preset of the card) with their valid
   ranges, Gaussian soft-NMS.
+- ``focus``: the same levels coarse to fine in FocusChips only (AutoFocus, ``service.focus``) at the card's
+  focus threshold or ``focus_threshold``; a sweep over thresholds is ``models.focus_eval``.
 
 Every mode runs :meth:`service.pipeline.Pipeline.detect` -- the code the service runs -- and is scored with
 pycocotools (AP, AP50, AP75, AP_S/M/L; ``area`` is box area) plus AP in finer size bins for the plot.
@@ -30,8 +32,8 @@ from models.synth import load_coco
 from service.options import DetectOptions, MergeConfig
 from service.plan import LevelSpec
 
-Mode = Literal["single", "slices", "pyramid"]
-MODES: tuple[Mode, ...] = ("single", "slices", "pyramid")
+Mode = Literal["single", "slices", "pyramid", "focus"]
+MODES: tuple[Mode, ...] = ("single", "slices", "pyramid")  # 'all'; focus is asked for by name
 METRICS = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L")
 # sqrt(area) bins (original px) for the AP-by-size plot; the first three edges are COCO's 32 and 96 split finer.
 SIZE_BINS: tuple[tuple[float, float], ...] = ((0, 12), (12, 20), (20, 32), (32, 64), (64, 96), (96, 192), (192, 1e5))
@@ -48,6 +50,7 @@ class EvalConfig(BaseModel):
     nms_iou: float = Field(default=0.5, gt=0, le=1, description="Hard-NMS IoU of 'single' and 'slices'.")
     soft_nms_sigma: float = Field(default=0.5, gt=0, description="Gaussian soft-NMS sigma of 'pyramid'.")
     preset: str = Field(default="default", description="The model card's levels preset that 'pyramid' runs.")
+    focus_threshold: float | None = Field(default=None, ge=0, le=1, description="'focus': threshold (card's).")
     max_images: int | None = Field(default=None, ge=1, description="Evaluate only the first N images.")
     threads: int = Field(default=2, ge=1, description="ONNX Runtime intra-op threads.")
     max_batch: int = Field(default=16, ge=1, description="Chips per engine call.")
@@ -63,9 +66,12 @@ def mode_options(mode: Mode, chip: int, cfg: EvalConfig) -> DetectOptions:
     if mode == "slices":
         native = LevelSpec(scale=1.0, valid=(-1, None), overlap=cfg.slice_overlap)
         return DetectOptions(levels=(native, whole), merge=hard, edge_filter=False, **common)
+    merge = MergeConfig(method="gaussian", sigma=cfg.soft_nms_sigma)
     if mode == "pyramid":
-        merge = MergeConfig(method="gaussian", sigma=cfg.soft_nms_sigma)
-        return DetectOptions(preset=cfg.preset, merge=merge, **common)
+        # 'default' may mean FocusChips on a card whose default mode is focus: 'pyramid' is every chip
+        return DetectOptions(preset="pyramid" if cfg.preset == "default" else cfg.preset, merge=merge, **common)
+    if mode == "focus":
+        return DetectOptions(preset="focus", focus_threshold=cfg.focus_threshold, merge=merge, **common)
     raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 

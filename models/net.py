@@ -9,6 +9,14 @@ Outputs (training form, :meth:`TinyDet.forward`): class logits ``float32 [B, K, 
 distances ``ltrb`` ``float32 [B, 4, C/4, C/4]`` in chip pixels from each cell centre
 ``((x + 0.5) * 4, (y + 0.5) * 4)``. :class:`ExportWrapper` turns these into the "snipserve" output format
 (per-class probabilities with 3x3 peak suppression inside the graph).
+
+Optional focus head (``NetConfig.focus_head``, AutoFocus): a 1-channel FocusPixel logit map
+``float32 [B, 1, C/16, C/16]`` on the detector's own features -- the merged stride-4 map max-pooled to stride 16
+(where the detector's object evidence is) concatenated with the stride-16 lateral map (context from strides
+16/32) -- then two 3x3 Conv-BN-ReLU and a 1x1 conv. Stride 16 as in AutoFocus: a FocusChip of the next finer
+level spans C / r >= ~100 px of this level (r = the scale ratio, 1.5-2.5 for the shipped levels), i.e. six or
+more stride-16 cells, so a finer map would not change which chips get planned; and the head costs ~2 % of the
+detector's MACs. It is trained after the detector, with the detector frozen (``models.focus_train``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ class NetConfig(BaseModel):
     )
     head_width: int = Field(default=32, ge=8, description="Channels of the merged stride-4 map and the head.")
     max_log_distance: float = Field(default=5.0, gt=0, description="Clamp on the log-distance regression output.")
+    focus_head: bool = Field(
+        default=False, description="Add the AutoFocus focus head (stride 16, 1 channel); off for older checkpoints."
+    )
+
+
+FOCUS_STRIDE = 16
+FOCUS_PREFIX = "focus."  # state-dict keys of the focus head
 
 
 def _cbr(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
@@ -74,9 +89,10 @@ class TinyDet(nn.Module):
         nn.init.constant_(self.cls.bias, -torch.log(torch.tensor((1 - _PRIOR) / _PRIOR)).item())
         nn.init.normal_(self.reg.weight, std=0.01)
         nn.init.constant_(self.reg.bias, 1.0)  # exp(1) * 4 ~ 11 px: a typical small-object half size
+        self.focus: FocusHead | None = FocusHead(h) if cfg.focus_head else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` float32 ``[B, 3, C, C]`` normalised -> (logits ``[B, K, C/4, C/4]``, ltrb ``[B, 4, C/4, C/4]`` px)."""
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``[B, 3, C, C]`` -> (merged stride-4 map ``[B, h, C/4, C/4]``, stride-16 ``[B, h, C/16, C/16]``)."""
         c4 = self.stem(x)
         c8 = self.s8(c4)
         c16 = self.s16(c8)
@@ -84,9 +100,59 @@ class TinyDet(nn.Module):
         p16 = self.lat16(c16) + F.interpolate(self.lat32(c32), scale_factor=2.0, mode="nearest")
         p8 = self.smooth8(self.lat8(c8) + F.interpolate(p16, scale_factor=2.0, mode="nearest"))
         p4 = self.head(self.lat4(c4) + F.interpolate(p8, scale_factor=2.0, mode="nearest"))
+        return p4, p16
+
+    def detect(self, p4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detector heads on the stride-4 map: (logits ``[B, K, C/4, C/4]``, ltrb ``[B, 4, C/4, C/4]`` px)."""
         logits = self.cls(p4)
         ltrb = torch.exp(torch.clamp(self.reg(p4), max=self.cfg.max_log_distance)) * STRIDE
         return logits, ltrb
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` float32 ``[B, 3, C, C]`` normalised -> (logits ``[B, K, C/4, C/4]``, ltrb ``[B, 4, C/4, C/4]`` px)."""
+        p4, _ = self.features(x)
+        return self.detect(p4)
+
+    def forward_focus(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like :meth:`forward`, plus the focus logits ``[B, 1, C/16, C/16]`` (needs ``focus_head``)."""
+        if self.focus is None:
+            raise ValueError("this net has no focus head (NetConfig.focus_head is false)")
+        p4, p16 = self.features(x)
+        logits, ltrb = self.detect(p4)
+        return logits, ltrb, self.focus(p4, p16)
+
+
+class FocusHead(nn.Module):
+    """FocusPixel logits at stride 16 from the stride-4 head map (max-pooled 4x4) and the stride-16 map."""
+
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_cbr(2 * h, h), _cbr(h, h))
+        self.out = nn.Conv2d(h, 1, 1)
+        # FocusPixels are common (a few % to half the cells of a dense scene): start at p = 0.1, not the detector's 0.01
+        nn.init.constant_(self.out.bias, -torch.log(torch.tensor(9.0)).item())
+
+    def inputs(self, p4: torch.Tensor, p16: torch.Tensor) -> torch.Tensor:
+        """The head's input ``[B, 2h, C/16, C/16]`` (what the focus training stage caches per chip)."""
+        return torch.cat([F.max_pool2d(p4, FOCUS_STRIDE // STRIDE), p16], dim=1)
+
+    def head(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(inputs))
+
+    def forward(self, p4: torch.Tensor, p16: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inputs(p4, p16))
+
+
+def load_weights(net: TinyDet, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` into ``net``; a checkpoint without the focus head loads into a net with one (the head keeps
+    its initialisation). Returns the missing keys (only focus-head keys are tolerated; anything else raises)."""
+    result = net.load_state_dict(state, strict=False)
+    bad_missing = [k for k in result.missing_keys if not k.startswith(FOCUS_PREFIX)]
+    if bad_missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"checkpoint does not match the net: missing {bad_missing}, unexpected {list(result.unexpected_keys)}"
+        )
+    return list(result.missing_keys)
 
 
 def peak_suppress(heat: torch.Tensor) -> torch.Tensor:
@@ -96,15 +162,19 @@ def peak_suppress(heat: torch.Tensor) -> torch.Tensor:
 
 
 class ExportWrapper(nn.Module):
-    """``images`` ``[B, 3, C, C]`` -> (``heatmap`` probabilities, peak-suppressed; ``ltrb`` chip px)."""
+    """``images`` ``[B, 3, C, C]`` -> (``heatmap`` probabilities, peak-suppressed; ``ltrb`` chip px), plus
+    ``focus`` probabilities ``[B, 1, C/16, C/16]`` when the net has a focus head."""
 
     def __init__(self, net: TinyDet) -> None:
         super().__init__()
         self.net = net
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, ltrb = self.net(images)
-        return peak_suppress(torch.sigmoid(logits)), ltrb
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.net.focus is None:
+            logits, ltrb = self.net(images)
+            return peak_suppress(torch.sigmoid(logits)), ltrb
+        logits, ltrb, focus = self.net.forward_focus(images)
+        return peak_suppress(torch.sigmoid(logits)), ltrb, torch.sigmoid(focus)
 
 
 def count_macs(net: TinyDet, chip: int) -> int:

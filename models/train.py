@@ -28,7 +28,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -36,7 +36,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.net import STRIDE, NetConfig, TinyDet
+from models.focus_labels import FocusStageConfig
+from models.net import STRIDE, NetConfig, TinyDet, load_weights
 from models.sniper import (
     SamplerConfig,
     build_targets,
@@ -110,6 +111,12 @@ class TrainConfig(BaseModel):
     )
     net: NetConfig = Field(default_factory=NetConfig, description="Architecture.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="SNIPER chips and levels.")
+    stage: Literal["detector", "focus"] = Field(
+        default="detector",
+        description="'detector': SNIPER training; 'focus': train only the focus head on a frozen detector "
+        "(needs init_from; models.focus_train).",
+    )
+    focus: FocusStageConfig = Field(default_factory=FocusStageConfig, description="The 'focus' stage.")
 
     @classmethod
     def from_yaml(cls, path: Path) -> TrainConfig:
@@ -435,6 +442,10 @@ def hardware() -> str:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or resume) training; returns the path of ``model.pt``."""
+    if cfg.stage == "focus":
+        from models.focus_train import train_focus
+
+        return train_focus(cfg, progress)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +456,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     previous: dict[str, Any] = {}
     if cfg.init_from is not None:
         init = torch.load(cfg.init_from, weights_only=False, map_location="cpu")
-        net.load_state_dict(init["model"])
+        load_weights(net, init["model"])
         previous = init.get("training", {})
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt_path = cfg.out / "last.pt"
@@ -621,6 +632,6 @@ def load_trained(path: Path) -> tuple[TinyDet, dict[str, Any]]:
     """A trained net from ``model.pt`` (eval mode) and the saved metadata."""
     ck = torch.load(path, weights_only=False, map_location="cpu")
     net = TinyDet(NetConfig.model_validate(ck["net"]))
-    net.load_state_dict(ck["model"])
+    net.load_state_dict(ck["model"])  # strict: a model.pt always matches its own net config
     net.eval()
     return net, ck

@@ -5,6 +5,9 @@ Every adapter returns a :class:`ChipDetections` for the whole batch (arrays, no 
 ``scores float32 [N]``, ``classes int32 [N]``. Thresholds are per chip (``float32 [B]``), because
 one batch mixes chips of requests that asked for different score thresholds.
 
+A model with a focus head (``ModelCard.focus.output``) has one more output, the focus map ``[B, 1, h', w']``;
+:func:`split_outputs` takes it out before the adapter sees the detector's outputs, so every format accepts it.
+
 Formats (chosen by ``ModelCard.output_format``):
 - ``snipserve``: ``heatmap [B, K, h, w]`` peak-suppressed class probabilities and ``ltrb [B, 4, h, w]``
   distances (chip px) from each cell centre ``((x + .5) * stride, (y + .5) * stride)`` to the box sides.
@@ -137,6 +140,21 @@ ADAPTERS: dict[str, Adapter] = {
     "yolov8": decode_yolov8,
     "end2end": decode_end2end,
 }
+
+
+def split_outputs(outputs: Sequence[np.ndarray], card: ModelCard) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """(the detector's outputs for the adapter, the focus map ``float32 [B, 1, h, w]`` or None).
+
+    Outputs come in the card's ``output_names`` order (the engines' contract); the focus map is the one the
+    card's ``focus.output`` names."""
+    spec = card.focus
+    if spec is None or spec.output is None or card.output_names is None:
+        return list(outputs), None
+    i = card.output_names.index(spec.output)
+    focus = outputs[i]
+    if focus.ndim != 4 or focus.shape[1] != 1:
+        raise ValueError(f"focus output {spec.output!r} must be [B, 1, h, w], got {focus.shape}")
+    return [o for j, o in enumerate(outputs) if j != i], focus
 
 
 def get_adapter(card: ModelCard) -> Adapter:

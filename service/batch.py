@@ -1,6 +1,6 @@
 """Dynamic batcher: chips of all in-flight requests share engine calls.
 
-One asyncio loop, one queue of requests (FIFO by chip), one wake-up event. A batch closes at
+One asyncio loop, one queue of requests per lane, one wake-up event. A batch closes at
 ``max_batch`` chips or ``max_delay`` after its first chip was queued. Up to ``pipeline_depth`` batches
 are in flight: while one runs on the engine thread, the next is cropped into its own buffer on a
 worker thread, so CPU pre/post-processing overlaps inference. Admission is all-or-nothing per request
@@ -12,6 +12,20 @@ Two priority lanes, each with its own chip budget: ``interactive`` (``/v1/detect
 ``bulk`` (streaming and batch uploads). Batches are filled from the interactive lane first, so a
 streaming client can neither fill the interactive queue (separate budget) nor delay its chips
 (strict priority); bulk chips fill whatever rows interactive work leaves free.
+
+Scheduling within a lane (``schedule``). The batcher keeps a measured drain rate (chips completed per second of
+wall clock while busy, a moving average). ``edf`` (default): earliest deadline first on a per-request *target*,
+``admission + edf_stretch x (its own chips / drain rate) + edf_slack_s``, capped by its hard deadline (the
+client's deadline and ``max_queue_wait_s`` after admission): a request's latency then follows its own size, and
+an old large request's target eventually comes first (no starvation). ``fair``: round robin, ``fair_quantum``
+chips per request per turn (processor sharing). ``fifo``: first in, first out by chip.
+
+Admission by time: a request is refused at once (``QueueFull`` -> 503 + ``Retry-After``) when it cannot complete
+by its hard deadline at the drain rate. Under ``edf`` the check is the schedule's own: the lane in target order
+with the newcomer inserted must complete every request by its hard deadline (the newcomer, and anyone it would
+push late), so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the time
+until the request would fit (its own lateness, or until the requests it would push late are done). Under ``fair``
+and ``fifo`` the newcomer's own estimated completion is checked.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service import metrics
-from service.adapters import Adapter, ChipDetections
+from service.adapters import Adapter, ChipDetections, split_outputs
 from service.crop import Normalizer
 from service.engines import Engine, engine_on_gpu
 from service.errors import DeadlineExceeded, EngineError, NotReady, QueueFull
@@ -40,6 +54,7 @@ log = logging.getLogger("snipserve.batch")
 
 Priority = Literal["interactive", "bulk"]
 PRIORITIES: tuple[Priority, ...] = ("interactive", "bulk")  # batch fill order
+Schedule = Literal["fair", "edf", "fifo"]
 
 
 class BatcherConfig(BaseModel):
@@ -63,6 +78,35 @@ class BatcherConfig(BaseModel):
         "engine runs on a GPU, 1 on the CPU, where overlapping threads would only compete with inference's own.",
     )
     infer_timeout_s: float = Field(default=30.0, gt=0, description="An engine call longer than this fails its batch.")
+    schedule: Schedule = Field(
+        default="edf", description="Order of chips within a lane: edf (size-aware targets), fair (round robin), fifo."
+    )
+    edf_stretch: float = Field(
+        default=4.0, gt=0, description="edf: target latency = this x the request's own service time + edf_slack_s."
+    )
+    edf_slack_s: float = Field(default=0.5, ge=0, description="edf: constant part of a request's target latency.")
+    fair_quantum: int = Field(default=2, ge=1, description="fair: chips a request gets per turn of the round robin.")
+    max_queue_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Refuse (503) a request whose estimated completion at the measured drain rate is further away "
+        "than this; unset: only the chip capacity and each request's deadline bound admission.",
+    )
+    drain_smoothing: float = Field(
+        default=0.2, gt=0, le=1, description="Weight of the newest batch in the drain-rate moving average."
+    )
+
+
+@dataclass(frozen=True)
+class Submission:
+    """How a request's chips join the queue, besides the chips themselves."""
+
+    arrival: float | None = None  # time.monotonic() when the request reached the service (the bound counts from it)
+    want_focus: bool = False  # keep the chips' focus maps (models with a focus head) in ``ChipWork.focus``
+    continuation: bool = False  # a later part of an admitted request (a focus run's finer level): no time check
+
+
+NEW_REQUEST = Submission()
 
 
 @dataclass(eq=False)
@@ -74,12 +118,16 @@ class ChipWork:
     threshold: float
     future: asyncio.Future[ChipDetections]
     deadline: float = math.inf  # time.monotonic()
+    target: float = math.inf  # edf: the order key (size-aware target completion time)
+    hard: float = math.inf  # admission's promise: complete by then (client deadline, queueing bound)
     enqueued: float = field(default_factory=time.monotonic)
     cursor: int = 0  # next chip to hand to a batch
     done: int = 0  # chips with results
     parts: list[ChipDetections] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: {"queue_wait": 0.0, "crop": 0.0, "infer": 0.0})
     started: float | None = None
+    want_focus: bool = False
+    focus: np.ndarray | None = None  # float32 [K, h, w]: the chips' focus maps, when ``want_focus``
 
     @property
     def remaining(self) -> int:
@@ -126,8 +174,10 @@ class Batcher:
         self._prep_pool = ThreadPoolExecutor(self.depth, thread_name_prefix="snipserve-prep")
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        self._running: list[list[_Slice]] = []  # slices of the batches in flight (for the wait estimate)
         self._closing = False
-        self._chips_per_s = 0.0  # moving estimate for Retry-After
+        self._chips_per_s = 0.0  # measured drain rate (chips per wall-clock second while busy), moving average
+        self._last_done = 0.0  # time.monotonic() when the last batch completed
         metrics.QUEUE_CAPACITY.set(config.queue_capacity)
         metrics.QUEUE_DEPTH.set(0)
 
@@ -176,8 +226,10 @@ class Batcher:
         threshold: float,
         deadline: float = math.inf,
         priority: Priority = "interactive",
+        how: Submission = NEW_REQUEST,
     ) -> ChipWork:
         """Queue a request's chips in the ``priority`` lane; returns its :class:`ChipWork` (await ``work.future``).
+        ``how``: see :class:`Submission`.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
         if self._closing:
@@ -190,13 +242,122 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 headers={"Retry-After": str(retry)},
             )
+        target, hard = self._targets(n, deadline, how.arrival)
+        if not how.continuation:
+            self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
-        work = ChipWork(plan=plan, level_images=level_images, threshold=threshold, future=fut, deadline=deadline)
+        work = ChipWork(
+            plan=plan,
+            level_images=level_images,
+            threshold=threshold,
+            future=fut,
+            deadline=deadline,
+            target=target,
+            hard=hard,
+            want_focus=how.want_focus,
+        )
         self._lanes[priority].append(work)
         self._lane_pending[priority] += n
         metrics.QUEUE_DEPTH.set(self._pending)
         self._wakeup.set()
         return work
+
+    @property
+    def drain_rate(self) -> float:
+        """Measured chips per second (0 until the first batch completes)."""
+        return self._chips_per_s
+
+    def chips_ahead(self, n: int, deadline: float, priority: Priority) -> int:
+        """Chips the schedule serves before a new request of ``n`` chips completes (its own excluded).
+
+        Higher lanes first; within the lane: ``fifo`` everything queued, ``edf`` what has an earlier or equal
+        target (``deadline`` is the newcomer's target there), ``fair`` each queued request's chips up to ``n``
+        (round robin ends a request's turns with its last chip); plus the chips of batches already running."""
+        ahead = sum(s.stop - s.start for b in self._running for s in b)
+        for lane_priority in PRIORITIES:
+            lane = self._lanes[lane_priority]
+            if lane_priority != priority:
+                ahead += self._lane_pending[lane_priority]
+                continue
+            if self.config.schedule == "fifo":
+                ahead += self._lane_pending[priority]
+            elif self.config.schedule == "edf":
+                ahead += sum(w.remaining for w in lane if w.target <= deadline)
+            else:
+                ahead += sum(min(w.remaining, n) for w in lane)
+            break
+        return ahead
+
+    def estimated_wait(self, n: int, deadline: float = math.inf, priority: Priority = "interactive") -> float | None:
+        """Seconds until a new request of ``n`` chips would complete, at the measured drain rate (None: no rate)."""
+        if self._chips_per_s <= 0:
+            return None
+        return (self.chips_ahead(n, deadline, priority) + n) / self._chips_per_s
+
+    def admit(
+        self, n: int, deadline: float = math.inf, priority: Priority = "interactive", arrival: float | None = None
+    ) -> None:
+        """Refuse (``QueueFull``) now what ``submit`` would refuse by time -- before the caller decodes the image."""
+        target, hard = self._targets(n, deadline, arrival)
+        self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
+
+    def _targets(self, n: int, deadline: float, arrival: float | None = None) -> tuple[float, float]:
+        """(target, hard deadline) of a new request of ``n`` chips with the client's ``deadline``."""
+        now = time.monotonic()
+        bound = self.config.max_queue_wait_s
+        start = now if arrival is None else min(arrival, now)
+        hard = min(deadline, start + bound) if bound is not None else deadline
+        if self.config.schedule != "edf" or self._chips_per_s <= 0:
+            return hard, hard
+        own = n / self._chips_per_s
+        return min(hard, start + self.config.edf_stretch * own + self.config.edf_slack_s), hard
+
+    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> None:
+        """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""
+        rate = self._chips_per_s
+        if rate <= 0:
+            return
+        now = time.monotonic()
+        if self.config.schedule == "edf":
+            own_done, late_until = self._edf_check(n, target, priority, now)
+        else:
+            own_done, late_until = now + (self.chips_ahead(n, target, priority) + n) / rate, now
+        metrics.QUEUE_ESTIMATED_WAIT.set(own_done - now)
+        if own_done <= hard and late_until <= now:
+            return
+        # Retry when it would fit: its own lateness has drained, and whoever it would push late is done.
+        retry = max(1, math.ceil(max(own_done - hard, late_until - now, n / rate)))
+        bound = self.config.max_queue_wait_s
+        what = f"the queueing bound of {bound:g} s" if by_bound else f"the request's deadline ({hard - now:.1f} s)"
+        if own_done <= hard:
+            what = "the deadlines of requests it would delay"
+        raise QueueFull(
+            f"estimated completion in {own_done - now:.1f} s ({n} chips at {rate:.0f} chips/s) would miss {what}",
+            headers={"Retry-After": str(retry)},
+        )
+
+    def _edf_check(self, n: int, target: float, priority: Priority, now: float) -> tuple[float, float]:
+        """Under ``edf``: (the newcomer's projected completion, the time until every request it would push past its
+        hard deadline has completed -- ``now`` when none) with the newcomer inserted in target order."""
+        rate = self._chips_per_s
+        t = now + sum(s.stop - s.start for b in self._running for s in b) / rate
+        for lane_priority in PRIORITIES:  # higher lanes are served first
+            if lane_priority == priority:
+                break
+            t += self._lane_pending[lane_priority] / rate
+        own_done, late_until = math.inf, now
+        order = sorted(self._lanes[priority], key=lambda w: (w.target, w.enqueued))
+        inserted = False
+        for w in order:
+            if not inserted and target < w.target:
+                t += n / rate
+                own_done, inserted = t, True
+            t += w.remaining / rate
+            if inserted and t > w.hard >= t - n / rate:  # on time without the newcomer, late with it
+                late_until = max(late_until, t - n / rate)
+        if not inserted:
+            own_done = t + n / rate
+        return own_done, late_until
 
     # ---- the loop --------------------------------------------------------------------------
     def _drop_dead(self) -> None:
@@ -218,16 +379,22 @@ class Batcher:
         metrics.QUEUE_DEPTH.set(self._pending)
 
     def _take_batch(self) -> list[_Slice]:
-        """Up to ``max_batch`` chips, interactive lane first, FIFO within a lane."""
+        """Up to ``max_batch`` chips, interactive lane first; within a lane by ``config.schedule``."""
         slices: list[_Slice] = []
         rows = 0
         now = time.monotonic()
+        quantum = self.config.fair_quantum if self.config.schedule == "fair" else self.max_batch
         for priority in PRIORITIES:
             lane = self._lanes[priority]
+            if self.config.schedule == "edf" and len(lane) > 1:
+                self._lanes[priority] = lane = collections.deque(sorted(lane, key=lambda w: (w.target, w.enqueued)))
             while lane and rows < self.max_batch:
                 work = lane[0]
-                take = min(work.remaining, self.max_batch - rows)
-                slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
+                take = min(work.remaining, self.max_batch - rows, quantum)
+                if slices and slices[-1].work is work:  # its turn came round again within this batch
+                    slices[-1].stop += take
+                else:
+                    slices.append(_Slice(work, work.cursor, work.cursor + take, rows))
                 work.cursor += take
                 rows += take
                 self._lane_pending[priority] -= take
@@ -237,6 +404,8 @@ class Batcher:
                     work.timings["queue_wait"] = work.started - work.enqueued
                 if work.remaining == 0:
                     lane.popleft()
+                elif self.config.schedule == "fair":
+                    lane.rotate(-1)  # next turn to the next request
         metrics.QUEUE_DEPTH.set(self._pending)
         return slices
 
@@ -269,6 +438,8 @@ class Batcher:
     async def _run_batch(self, slices: list[_Slice], buffer: Any) -> None:
         loop = asyncio.get_running_loop()
         rows = sum(s.stop - s.start for s in slices)
+        started = time.monotonic()
+        self._running.append(slices)
         try:
             t0 = time.perf_counter()
             thresholds, staged = await loop.run_in_executor(self._prep_pool, self._fill, slices, buffer)
@@ -278,7 +449,7 @@ class Batcher:
                 self.config.infer_timeout_s,
             )
             t2 = time.perf_counter()
-            dets = await loop.run_in_executor(self._prep_pool, self.adapter, outputs, self.engine.card, thresholds)
+            dets, focus = await loop.run_in_executor(self._prep_pool, self._decode, outputs, thresholds)
         except Exception as exc:  # noqa: BLE001 - any engine failure must fail only this batch
             metrics.ENGINE_ERRORS.inc()
             if isinstance(exc, TimeoutError):
@@ -294,11 +465,17 @@ class Batcher:
                     s.work.future.set_exception(err)
             return
         finally:
+            self._running.remove(slices)
             self._buffers.append(buffer)
             self._slots.release()
             self._wakeup.set()
-        self._account(rows, t1 - t0, t2 - t1)
-        self._distribute(slices, dets, t1 - t0, t2 - t1)
+        self._account(rows, started, t2 - t1)
+        self._distribute(slices, dets, focus, t1 - t0, t2 - t1)
+
+    def _decode(self, outputs: list[np.ndarray], thresholds: np.ndarray) -> tuple[ChipDetections, np.ndarray | None]:
+        """The adapter on the detector's outputs (worker thread); the focus map, when the model has one, apart."""
+        det_outputs, focus = split_outputs(outputs, self.engine.card)
+        return self.adapter(det_outputs, self.engine.card, thresholds), focus
 
     def _fill(self, slices: list[_Slice], buffer: Any) -> tuple[np.ndarray, Any]:
         """Stage the batch's chips (worker thread): per-row score thresholds, and what ``staging.infer`` takes."""
@@ -309,20 +486,32 @@ class Batcher:
             thresholds[s.row : s.row + s.stop - s.start] = s.work.threshold
         return thresholds, self.staging.fill(parts, buffer)
 
-    def _account(self, rows: int, crop_s: float, infer_s: float) -> None:
+    def _account(self, rows: int, started: float, infer_s: float) -> None:
         metrics.BATCH_SIZE.observe(rows)
         metrics.BATCH_FILL.observe(rows / self.max_batch)
         metrics.CHIPS.inc(rows)
         metrics.INFER_SECONDS.inc(rows * infer_s)
-        rate = rows / max(crop_s + infer_s, 1e-6)
-        self._chips_per_s = rate if self._chips_per_s == 0 else 0.9 * self._chips_per_s + 0.1 * rate
+        # Drain rate on the wall clock: this batch's chips over the time since the previous batch completed (or
+        # since it started, after an idle gap) -- with overlapping batches that is the rate the queue empties at.
+        now = time.monotonic()
+        rate = rows / max(now - max(self._last_done, started), 1e-6)
+        self._last_done = now
+        a = self.config.drain_smoothing
+        self._chips_per_s = rate if self._chips_per_s == 0 else (1 - a) * self._chips_per_s + a * rate
+        metrics.QUEUE_DRAIN_RATE.set(self._chips_per_s)
 
-    def _distribute(self, slices: list[_Slice], dets: ChipDetections, crop_s: float, infer_s: float) -> None:
+    def _distribute(
+        self, slices: list[_Slice], dets: ChipDetections, focus: np.ndarray | None, crop_s: float, infer_s: float
+    ) -> None:
         for s in slices:
             work = s.work
             n = s.stop - s.start
             if work.future.done():
                 continue
+            if focus is not None and work.want_focus:
+                if work.focus is None:
+                    work.focus = np.zeros((work.plan.num_chips, *focus.shape[2:]), np.float32)
+                work.focus[s.start : s.stop] = focus[s.row : s.row + n, 0]
             rows = (dets.chip >= s.row) & (dets.chip < s.row + n)
             part = dets.select(rows)
             # batch rows -> the request's own chip indices

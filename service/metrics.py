@@ -87,6 +87,16 @@ CHIPS_PER_REQUEST = Histogram(
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge("snipserve_queue_depth_chips", "Chips waiting for an engine call.", registry=REGISTRY)
+QUEUE_DRAIN_RATE = Gauge(
+    "snipserve_queue_drain_rate_chips_per_second",
+    "Measured chips completed per second of wall clock while busy (moving average; Retry-After uses it).",
+    registry=REGISTRY,
+)
+QUEUE_ESTIMATED_WAIT = Gauge(
+    "snipserve_queue_estimated_wait_seconds",
+    "Estimated completion time of the latest request at admission (chips ahead + its own, at the drain rate).",
+    registry=REGISTRY,
+)
 QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)
 IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
 REJECTIONS = Counter("snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY)
@@ -117,6 +127,20 @@ QUEUE_WAIT = Counter(
 INFER_SECONDS = Counter(
     "snipserve_inference_seconds",
     "Chip-seconds of inference: each chip adds the seconds of the engine call it ran in.",
+    registry=REGISTRY,
+)
+FOCUS_CHIPS = Histogram(
+    "snipserve_focus_chips",
+    "Preset 'focus': chips run per request at each pyramid level (0 = finest).",
+    ["level"],
+    buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
+FOCUS_AREA = Histogram(
+    "snipserve_focus_area_ratio",
+    "Preset 'focus': share of each level's image inside FocusChips regions (the coarsest level runs whole: 1).",
+    ["level"],
+    buckets=(0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
     registry=REGISTRY,
 )
 READY = Gauge("snipserve_ready", "1 when the service is warmed up and accepting work.", registry=REGISTRY)
@@ -286,3 +310,10 @@ def _as_int(source: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{source}={value!r} is not an integer") from None
+
+
+def observe_focus(levels: Sequence[Any]) -> None:
+    """Chips and focus area per level of one 'focus' request (``service.focus.LevelFocus`` records)."""
+    for lv in levels:
+        FOCUS_CHIPS.labels(level=str(lv.index)).observe(lv.chips)
+        FOCUS_AREA.labels(level=str(lv.index)).observe(lv.area)

@@ -21,6 +21,29 @@ from service.plan import LevelSpec
 CARD_METADATA_KEY = "snipserve.card"
 
 OutputFormat = Literal["snipserve", "yolov8", "end2end"]
+# Preset names with a meaning of their own: "default" = the card's default mode on its default levels,
+# "pyramid" = the default levels, every chip; "focus" = the default levels coarse to fine in FocusChips only.
+RESERVED_PRESETS = ("default", "pyramid", "focus")
+
+
+class FocusSpec(BaseModel):
+    """Where the model's focus map comes from (AutoFocus). Without ``output`` the service derives the map from the
+    coarse level's low-confidence small detections (``service.focus``, the fallback for models without a head)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stride: int = Field(default=16, ge=1, description="Focus map stride in chip px (chip / map side).")
+    output: str | None = Field(
+        default=None, description="Engine output with focus probabilities [B, 1, C/stride, C/stride]; null = fallback."
+    )
+    threshold: float = Field(
+        default=0.05, ge=0, le=1, description="Default focus threshold of the 'focus' preset (measured: README)."
+    )
+    # Defaults measured (README, focus section): dilating by one cell or growing regions to 128 px cost more chips
+    # than they saved AP -- the labels already cover every cell an object overlaps, and snapping to whole chips
+    # gives each region at least one C x C chip of context.
+    dilate: int = Field(default=0, ge=0, le=16, description="Dilation of the thresholded focus map, cells.")
+    min_size: int = Field(default=0, ge=0, description="FocusChips regions grow to this side, finer-level px.")
 
 
 class ModelCard(BaseModel):
@@ -52,6 +75,12 @@ class ModelCard(BaseModel):
         default=0.6, gt=0, le=1, description="Per-chip NMS IoU for formats that need it (yolov8)."
     )
     max_per_chip: int = Field(default=300, ge=1, description="At most this many candidates per chip.")
+    focus: FocusSpec | None = Field(
+        default=None, description="The model's focus head (AutoFocus); absent: the 'focus' preset uses the fallback."
+    )
+    default_mode: Literal["pyramid", "focus"] = Field(
+        default="pyramid", description="What preset 'default' runs: every chip, or FocusChips coarse to fine."
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="How the model was trained.")
     evaluation: dict[str, Any] = Field(default_factory=dict, description="Measured evaluation results.")
 
@@ -59,13 +88,26 @@ class ModelCard(BaseModel):
     def _check(self) -> ModelCard:
         if self.sweet_spot[0] <= 0 or self.sweet_spot[1] <= self.sweet_spot[0]:
             raise ValueError(f"sweet_spot must be 0 < lo < hi, got {self.sweet_spot}")
-        if "default" in self.presets:
-            raise ValueError("preset 'default' is reserved for default_levels")
+        reserved = [p for p in RESERVED_PRESETS if p in self.presets]
+        if reserved:
+            raise ValueError(f"preset names {reserved} are reserved (the default levels, all chips or FocusChips)")
+        output = None if self.focus is None else self.focus.output
+        if output is not None and (self.output_names is None or output not in self.output_names):
+            raise ValueError(f"focus output {output!r} must be listed in output_names")
         return self
 
+    @property
+    def focus_spec(self) -> FocusSpec:
+        """The focus settings, with the fallback's (stride 16, no output) for models without a focus head."""
+        return self.focus or FocusSpec()
+
+    def is_focus(self, preset: str) -> bool:
+        """Whether ``preset`` runs FocusChips coarse to fine."""
+        return preset == "focus" or (preset == "default" and self.default_mode == "focus")
+
     def levels_preset(self, name: str) -> tuple[LevelSpec, ...]:
-        """Levels of preset ``name`` ('default' = the card's default levels)."""
-        if name == "default":
+        """Levels of preset ``name`` ('default', 'pyramid' and 'focus' = the card's default levels)."""
+        if name in RESERVED_PRESETS:
             return self.default_levels
         try:
             return self.presets[name]
@@ -74,7 +116,7 @@ class ModelCard(BaseModel):
 
     @property
     def preset_names(self) -> list[str]:
-        return ["default", *self.presets]
+        return [*RESERVED_PRESETS, *self.presets]
 
 
 def _ultralytics_card(meta: dict[str, str], name: str) -> dict[str, Any]:

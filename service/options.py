@@ -37,6 +37,13 @@ class DetectOptions(BaseModel):
     max_detections: int = Field(default=300, ge=1, le=10000, description="Keep at most this many detections.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Soft-NMS settings.")
     edge_filter: bool = Field(default=True, description="Drop boxes touching an inner chip edge.")
+    focus_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Preset 'focus': focus-map value at or above which finer levels run (lower = more chips); "
+        "default: the card's.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DetectOptions:

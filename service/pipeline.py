@@ -8,6 +8,7 @@ runs the same stages with inference through the shared dynamic :class:`~service.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from service import metrics
-from service.adapters import Adapter, ChipDetections, get_adapter
-from service.batch import Batcher, Priority
+from service.adapters import Adapter, ChipDetections, get_adapter, split_outputs
+from service.batch import Batcher, Priority, Submission
 from service.crop import Normalizer
 from service.engines import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
+from service.focus import FocusConfig, FocusRun, FocusSource, LevelFocus
 from service.modelcard import ModelCard
 from service.options import DetectOptions
 from service.plan import ChipPlan, LevelSpec, PlanConfig, PlanError, levels_for_object_range, plan
@@ -38,6 +40,7 @@ class Result:
     detections: Detections
     plan: ChipPlan
     timings: dict[str, float] = field(default_factory=dict)
+    focus: list[LevelFocus] | None = None  # per level, coarse to fine, when the request ran FocusChips
 
     @property
     def num_chips(self) -> int:
@@ -69,6 +72,16 @@ class Prepared:
     level_images: list[Any]  # where the pipeline's staging keeps them: host memory, or the GPU
     threshold: float
     timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where one request's chips go: the shared batcher, with the request's deadline, lane and arrival time."""
+
+    batcher: Batcher
+    deadline: float
+    priority: Priority
+    arrival: float | None
 
 
 class Pipeline:
@@ -134,8 +147,37 @@ class Pipeline:
             max_chips=self.max_chips,
         )
 
+    def focus_config(self, options: DetectOptions) -> FocusConfig | None:
+        """FocusChips settings when ``options`` ask for the focus mode (preset 'focus', or 'default' on a card whose
+        default mode is focus), else None. Models without a focus head use the detection fallback."""
+        focus = options.levels is None and options.min_object_size is None and options.max_object_size is None
+        focus = focus and self.card.is_focus(options.preset)
+        if not focus:
+            if options.focus_threshold is not None:
+                raise InvalidOptions(
+                    f"focus_threshold applies to the 'focus' preset only (this request runs preset {options.preset!r}"
+                    f"{' with explicit levels' if options.levels is not None else ''})"
+                )
+            return None
+        spec = self.card.focus_spec
+        source: FocusSource = "head" if spec.output is not None else "detections"
+        threshold = spec.threshold if options.focus_threshold is None else options.focus_threshold
+        return FocusConfig(
+            threshold=threshold, stride=spec.stride, source=source, dilate=spec.dilate, min_size=spec.min_size
+        )
+
     def threshold(self, options: DetectOptions) -> float:
         return self.card.score_threshold if options.score_threshold is None else options.score_threshold
+
+    def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> int:
+        """Chips a request will submit first (all of them; a focus run's coarsest level), from the image size only."""
+        try:
+            chip_plan = plan(image_size, self.plan_config(options))
+        except (PlanError, ValueError) as exc:
+            raise InvalidOptions(str(exc)) from exc
+        if self.focus_config(options) is None:
+            return chip_plan.num_chips
+        return int((chip_plan.chips[:, 0] == len(chip_plan.levels) - 1).sum())
 
     def check_classes(self, options: DetectOptions) -> None:
         if options.classes is not None:
@@ -160,10 +202,19 @@ class Pipeline:
 
     def infer_chips(self, prepared: Prepared) -> ChipDetections:
         """Crop and run every chip of ``prepared`` in engine-sized batches (the synchronous path)."""
-        chips = prepared.plan.chips
+        return self.run_chips(prepared, prepared.plan.chips, prepared.threshold)[0]
+
+    def run_chips(
+        self, prepared: Prepared, chips: np.ndarray, threshold: float
+    ) -> tuple[ChipDetections, np.ndarray | None]:
+        """Run ``chips`` (``int32 [K, 3]`` of ``prepared``'s levels) synchronously: their detections (chip = row of
+        ``chips``) and, when the model has a focus head, their focus maps ``float32 [K, h, w]``."""
         b = self.engine.max_batch
+        if len(chips) == 0:
+            return ChipDetections.empty(), None
         buffer = self.staging.new_buffer(min(b, len(chips)))
         parts: list[ChipDetections] = []
+        maps: list[np.ndarray] = []
         crop_s = infer_s = 0.0
         for start in range(0, len(chips), b):
             sub = chips[start : start + b]
@@ -172,17 +223,19 @@ class Pipeline:
             t1 = time.perf_counter()
             outputs = self.staging.infer(staged)
             t2 = time.perf_counter()
-            thresholds = np.full(len(sub), prepared.threshold, np.float32)
-            d = self.adapter(outputs, self.card, thresholds)
+            thresholds = np.full(len(sub), threshold, np.float32)
+            det_outputs, focus = split_outputs(outputs, self.card)
+            d = self.adapter(det_outputs, self.card, thresholds)
             parts.append(ChipDetections(d.chip + start, d.boxes, d.scores, d.classes))
+            if focus is not None:
+                maps.append(focus[: len(sub), 0])
             crop_s, infer_s = crop_s + t1 - t0, infer_s + t2 - t1
         prepared.timings["crop"] += crop_s
-        prepared.timings["infer"] = infer_s
-        if not parts:
-            return ChipDetections.empty()
-        return ChipDetections(
+        prepared.timings["infer"] = prepared.timings.get("infer", 0.0) + infer_s
+        dets = ChipDetections(
             *(np.concatenate(x) for x in zip(*((p.chip, p.boxes, p.scores, p.classes) for p in parts), strict=True))
         )
+        return dets, np.concatenate(maps) if maps else None
 
     def finish(self, prepared: Prepared, chip_dets: ChipDetections, options: DetectOptions) -> Result:
         """Postprocess and merge one image's chip detections."""
@@ -198,8 +251,21 @@ class Pipeline:
     def detect(self, image: np.ndarray, options: DetectOptions | None = None) -> Result:
         """Detect objects in ``image`` (``uint8 [H, W, 3]`` RGB), synchronously, in this thread."""
         options = options or DetectOptions()
+        focus = self.focus_config(options)
         prepared = self.prepare(image, options)
-        return self.finish(prepared, self.infer_chips(prepared), options)
+        if focus is None:
+            return self.finish(prepared, self.infer_chips(prepared), options)
+        run = FocusRun(prepared.plan, focus, prepared.threshold)
+        while (chips := run.next_chips()) is not None:
+            dets, maps = self.run_chips(prepared, chips, run.chip_threshold())
+            run.add(chips, dets, maps)
+        return self.finish_focus(prepared, run, options)
+
+    def finish_focus(self, prepared: Prepared, run: FocusRun, options: DetectOptions) -> Result:
+        """:meth:`finish` on the chips a focus run ran; the result carries its per-level focus record."""
+        prepared.plan = run.plan()
+        result = self.finish(prepared, run.detections(), options)
+        return dataclasses.replace(result, focus=run.levels)
 
     async def detect_async(
         self,
@@ -208,15 +274,43 @@ class Pipeline:
         batcher: Batcher,
         deadline: float = math.inf,
         priority: Priority = "interactive",
+        arrival: float | None = None,
     ) -> Result:
-        """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane)."""
+        """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane);
+        ``arrival`` (``time.monotonic()``) is when the request reached the service, for the queueing bound."""
         loop = asyncio.get_running_loop()
+        focus = self.focus_config(options)
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
         prepared = await loop.run_in_executor(None, self.prepare, image, options)
-        metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
-        work = await batcher.submit(prepared.plan, prepared.level_images, prepared.threshold, deadline, priority)
+        prepared.timings |= {"queue_wait": 0.0, "infer": 0.0}
+        route = _Route(batcher, deadline, priority, arrival)
+        if focus is None:
+            metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
+            chip_dets, _ = await self._submit(route, prepared, prepared.plan, prepared.threshold)
+            return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
+        # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
+        run = FocusRun(prepared.plan, focus, prepared.threshold)
+        first = True
+        while (chips := run.next_chips()) is not None:
+            sub = dataclasses.replace(prepared.plan, chips=chips)
+            dets, maps = await self._submit(route, prepared, sub, run.chip_threshold(), continuation=not first)
+            run.add(chips, dets, maps)
+            first = first and sub.num_chips == 0
+        result = await loop.run_in_executor(None, self.finish_focus, prepared, run, options)
+        metrics.CHIPS_PER_REQUEST.observe(result.num_chips)
+        metrics.observe_focus(result.focus or [])
+        return result
+
+    async def _submit(
+        self, route: _Route, prepared: Prepared, plan: ChipPlan, threshold: float, continuation: bool = False
+    ) -> tuple[ChipDetections, np.ndarray | None]:
+        """``plan``'s chips through the batcher; their detections and (focus-head models) focus maps."""
+        if plan.num_chips == 0:
+            return ChipDetections.empty(), None
+        want_focus = self.card.focus is not None and self.card.focus.output is not None
+        how = Submission(arrival=route.arrival, want_focus=want_focus, continuation=continuation)
+        work = await route.batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
         chip_dets = await work.future
-        prepared.timings["crop"] += work.timings["crop"]
-        prepared.timings["queue_wait"] = work.timings["queue_wait"]
-        prepared.timings["infer"] = work.timings["infer"]
-        return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
+        for k in ("crop", "queue_wait", "infer"):
+            prepared.timings[k] += work.timings[k]
+        return chip_dets, work.focus

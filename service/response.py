@@ -29,7 +29,8 @@ def detection_dicts(d: Detections, card: ModelCard) -> list[dict[str, Any]]:
 def detection_response(result: Result, card: ModelCard) -> dict[str, Any]:
     """The ``/v1/detect`` JSON body. Boxes are xyxy in original pixels; timings in milliseconds."""
     chip_levels = result.plan.chips[:, 0].tolist()
-    return {
+    focus_area = {f.index: f.area for f in result.focus or []}
+    body = {
         "image": {"width": result.image_size[0], "height": result.image_size[1]},
         "detections": detection_dicts(result.detections, card),
         "model": card.name,
@@ -41,11 +42,15 @@ def detection_response(result: Result, card: ModelCard) -> dict[str, Any]:
                 "size": [lv.width, lv.height],
                 "valid": [_bound(lv.lo) if lv.lo >= 0 else -1, _bound(lv.hi)],
                 "chips": chip_levels.count(lv.index),
+                **({"focus_area": focus_area.get(lv.index, 0.0)} if result.focus is not None else {}),
             }
             for lv in result.plan.levels
         ],
         "timings": {k: round(v * 1000, 3) for k, v in result.timings.items()},
     }
+    if result.focus is not None:
+        body["mode"] = "focus"
+    return body
 
 
 def coco_results(result: Result, image_id: int | str = 0) -> list[dict[str, Any]]:

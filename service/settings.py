@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validato
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.batch import BatcherConfig
+from service.batch import BatcherConfig, Schedule
 from service.decode import DecodeConfig
 from service.engines import EngineConfig, Provider
 from service.http.transport import TransportConfig
@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     bulk_queue_capacity: int = from_config(BatcherConfig, "bulk_queue_capacity")
     pipeline_depth: int | None = from_config(BatcherConfig, "pipeline_depth")
     infer_timeout_s: float = from_config(BatcherConfig, "infer_timeout_s")
+    schedule: Schedule = from_config(BatcherConfig, "schedule")
+    fair_quantum: int = from_config(BatcherConfig, "fair_quantum")
+    edf_stretch: float = from_config(BatcherConfig, "edf_stretch")
+    edf_slack_s: float = from_config(BatcherConfig, "edf_slack_s")
+    max_queue_wait_s: float | None = from_config(BatcherConfig, "max_queue_wait_s")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")

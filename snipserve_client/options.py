@@ -57,6 +57,9 @@ class RequestOptions(BaseModel):
     iou_threshold: float | None = Field(default=None, ge=0, le=1, description="Nt for linear/hard merge.")
     class_agnostic: bool | None = Field(default=None, description="Merge across classes.")
     edge_filter: bool | None = Field(default=None, description="Drop boxes cut by inner chip edges.")
+    focus_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Preset 'focus': focus-map threshold of finer levels (lower: more chips)."
+    )
 
 
 OPTION_NAMES: tuple[str, ...] = tuple(RequestOptions.model_fields)

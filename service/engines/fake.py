@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.crop import ChipLayout
-from service.modelcard import ModelCard
+from service.modelcard import FocusSpec, ModelCard
 from service.plan import LevelSpec
 
 FAKE_CARD = ModelCard(
@@ -26,12 +26,21 @@ FAKE_CARD = ModelCard(
     training={"note": "not trained: a deterministic colour-blob detector for tests"},
 )
 
+FAKE_FOCUS_CARD = FAKE_CARD.model_copy(
+    update={
+        "name": "fake-rgb-blobs-focus",
+        "output_names": ("detections", "focus"),
+        "focus": FocusSpec(stride=16, output="focus", threshold=0.5),
+    }
+)
+
 
 class FakeEngine:
     """Deterministic stand-in: per chip, each 4-connected blob of saturated red, green or blue pixels
     becomes a detection of class 0, 1 or 2 with its bounding box and score 0.9. Outputs the ``end2end``
     layout ``[B, M, 6]``. ``delay`` (s per call) and ``fail`` (called with the batch; raise to fail) let
-    tests model slow or broken engines."""
+    tests model slow or broken engines. With a card that has a focus output (:data:`FAKE_FOCUS_CARD`) it also
+    returns a stand-in focus head: ``[B, 1, C/16, C/16]``, 1.0 in every cell holding a saturated pixel."""
 
     name = "fake"
 
@@ -78,7 +87,22 @@ class FakeEngine:
             dets = dets[:m]
             if dets:
                 out[i, : len(dets)] = np.asarray(dets, np.float32)
-        return [out]
+        if self.card.focus is None or self.card.focus.output is None:
+            return [out]
+        return [out, self._focus(batch)]
+
+    def _focus(self, batch: np.ndarray) -> np.ndarray:
+        """1.0 where a stride x stride cell holds a saturated red/green/blue pixel (any class), else 0."""
+        assert self.card.focus is not None
+        mean = np.asarray(self.card.mean, np.float32)[None, :, None, None]
+        std = np.asarray(self.card.std, np.float32)[None, :, None, None]
+        pix = (batch * std + mean) * 255.0  # [B, 3, C, C]
+        hi, lo = pix > 200, pix < 60
+        sat = np.asarray((hi & lo[:, [1, 0, 0]] & lo[:, [2, 2, 1]]).any(axis=1))  # [B, C, C]
+        b, c = sat.shape[0], sat.shape[1]
+        g = self.card.focus.stride
+        cells = np.asarray(sat.reshape(b, c // g, g, c // g, g).any(axis=(2, 4)))  # [B, C/g, C/g]
+        return cells[:, None].astype(np.float32)
 
     def close(self) -> None:
         pass

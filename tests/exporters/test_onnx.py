@@ -23,8 +23,12 @@ pytestmark = pytest.mark.train
 
 @pytest.fixture
 def tiny_weights(tmp_path: Path) -> Path:
+    return make_weights(tmp_path, focus=False)
+
+
+def make_weights(tmp_path: Path, focus: bool) -> Path:
     torch.manual_seed(0)
-    cfg = NetConfig(widths=(8, 16, 16, 16), head_width=8)
+    cfg = NetConfig(widths=(8, 16, 16, 16), head_width=8, focus_head=focus)
     net = TinyDet(cfg)
     # Spread-out class scores: with the untrained prior every cell scores ~0.01, and near-ties make 3x3 peak
     # suppression ill-conditioned (a 1-ulp difference decides whether a cell survives), which is not what
@@ -36,6 +40,7 @@ def tiny_weights(tmp_path: Path) -> Path:
         for _ in range(3):
             net(torch.randn(4, 3, 64, 64))
     sampler = SamplerConfig(chip_size=64, levels=(LevelSpec(scale=1.0), LevelSpec(long_side=64)))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "model.pt"
     torch.save(
         {
@@ -94,3 +99,31 @@ def test_tensorrt_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["export", "tensorrt"]) == 2
     assert "gpu" in capsys.readouterr().err
+
+
+def test_export_with_focus_head(tmp_path: Path) -> None:
+    from exporters.onnx import build_card
+    from service.adapters import split_outputs
+    from service.engines import EngineConfig
+    from service.engines.onnxruntime import OnnxRuntimeEngine
+
+    weights = make_weights(tmp_path, focus=True)
+    out = tmp_path / "focus.onnx"
+    report = export_onnx(weights, out, OnnxExportConfig(), name="tiny-focus", default_mode="focus")
+    assert report.max_abs_diff <= 1e-4
+    card = read_card(out)
+    assert card.focus is not None and card.focus.stride == 16 and card.focus.output == "focus"
+    assert card.output_names == ("heatmap", "ltrb", "focus") and card.default_mode == "focus"
+    x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    for fuse in (False, True):
+        eng = OnnxRuntimeEngine(out, EngineConfig(fuse_preprocess=fuse))
+        outs = eng.infer(pixels if fuse else x)
+        det, focus = split_outputs(outs, eng.card)
+        assert len(det) == 2 and focus is not None and focus.shape == (2, 1, 4, 4)
+        assert ((focus >= 0) & (focus <= 1)).all()
+    # Without a head the card has no focus entry, and 'focus' as the default mode is refused.
+    plain = torch.load(make_weights(tmp_path / "plain", focus=False), weights_only=False)
+    assert build_card(plain).focus is None
+    with pytest.raises(ValueError, match="focus head"):
+        build_card(plain, default_mode="focus")

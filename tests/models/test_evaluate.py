@@ -34,8 +34,11 @@ def test_mode_options() -> None:
     )
     assert slices.merge.method == "hard" and slices.merge.iou_threshold == 0.5 and not slices.edge_filter
     pyramid = mode_options("pyramid", 256, cfg)
-    assert pyramid.levels is None and pyramid.preset == "default" and pyramid.merge.method == "gaussian"
-    for o in (single, slices, pyramid):
+    # 'pyramid' is every chip even on a card whose default mode is focus
+    assert pyramid.levels is None and pyramid.preset == "pyramid" and pyramid.merge.method == "gaussian"
+    focus = mode_options("focus", 256, cfg.model_copy(update={"focus_threshold": 0.1}))
+    assert focus.preset == "focus" and focus.focus_threshold == 0.1 and focus.merge.method == "gaussian"
+    for o in (single, slices, pyramid, focus):
         assert o.score_threshold == 1e-3 and o.max_detections == 100
     with pytest.raises(ValueError, match="unknown mode"):
         mode_options("tiles", 256, cfg)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from service import metrics
 # Every label any snipserve_ family may carry; anything else risks unbounded series.
 ALLOWED_LABELS = {
     "route",
+    "level",  # pyramid level index of the focus metrics: a handful of values
     "status",
     "stage",
     "reason",
@@ -41,6 +42,8 @@ EXPECTED_FAMILIES = {
     "snipserve_chips_per_request",
     "snipserve_queue_depth_chips",
     "snipserve_queue_capacity_chips",
+    "snipserve_queue_drain_rate_chips_per_second",
+    "snipserve_queue_estimated_wait_seconds",
     "snipserve_in_flight_requests",
     "snipserve_rejections",
     "snipserve_engine_errors",
@@ -49,6 +52,8 @@ EXPECTED_FAMILIES = {
     "snipserve_chips",
     "snipserve_queue_wait_seconds",
     "snipserve_inference_seconds",
+    "snipserve_focus_chips",
+    "snipserve_focus_area_ratio",
     "snipserve_ready",
     "snipserve_model_info",
     "snipserve_build_info",

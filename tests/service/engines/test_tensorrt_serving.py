@@ -117,3 +117,44 @@ def test_http_service_on_tensorrt_with_gpu_preprocessing(
     want = Pipeline.load(SHIPPED, EngineConfig(intra_op_threads=2), preprocess="cpu").detect(image, OPTIONS)
     assert len(want.scores) >= 3
     np.testing.assert_allclose(got, sorted(want.scores.tolist()), atol=0.05)
+
+
+def test_tensorrt_engine_serves_a_focus_head_model(fake_trt: types.ModuleType, tmp_path: Path) -> None:
+    """A model with a focus output through the TensorRT engine wrapper and GPU staging: the same FocusChips and
+    detections as ONNX Runtime on the CPU."""
+    torch = pytest.importorskip("torch", reason="needs the train extra (torch) to make the focus model")
+    from exporters.onnx import export_onnx
+    from exporters.tensorrt import TensorRTExportConfig, build_engine
+    from models.net import NetConfig, TinyDet
+    from models.sniper import SamplerConfig
+    from models.train import MEAN, STD
+    from service.plan import LevelSpec
+
+    torch.manual_seed(0)
+    cfg = NetConfig(widths=(8, 16, 16, 16), head_width=8, focus_head=True)
+    net = TinyDet(cfg)
+    torch.nn.init.normal_(net.cls.weight, std=1.0)
+    assert net.focus is not None
+    torch.nn.init.normal_(net.focus.out.weight, std=2.0)  # a map with both sides of the threshold
+    sampler = SamplerConfig(chip_size=64, levels=(LevelSpec(scale=1.0), LevelSpec(scale=0.5), LevelSpec(long_side=64)))
+    weights = tmp_path / "model.pt"
+    meta = {"net": cfg.model_dump(), "sampler": sampler.model_dump(mode="json"), "classes": ["a", "b", "c"]}
+    torch.save({"model": net.state_dict(), "mean": MEAN, "std": STD, "training": {}, **meta}, weights)
+    onnx_path = tmp_path / "models" / "focus.onnx"
+    export_onnx(weights, onnx_path, name="tiny-focus")
+    engine_path = tmp_path / "models" / "focus.engine"
+    build_engine(
+        onnx_path, engine_path, TensorRTExportConfig(profile=BatchProfile(min_batch=1, opt_batch=4, max_batch=8))
+    )
+    engine = create_engine(engine_path, EngineConfig(kind="tensorrt", max_batch=8))
+    image = np.random.default_rng(5).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    options = DetectOptions(preset="focus", focus_threshold=0.5, score_threshold=0.2)
+    try:
+        got = Pipeline(engine).detect(image, options)
+    finally:
+        engine.close()
+    want = Pipeline.load(onnx_path, EngineConfig(intra_op_threads=1), preprocess="cpu").detect(image, options)
+    assert got.focus is not None and [lv.chips for lv in got.focus] == [lv.chips for lv in want.focus or []]
+    full = Pipeline.load(onnx_path, EngineConfig(intra_op_threads=1)).detect(image, DetectOptions(preset="pyramid"))
+    assert 0 < want.num_chips < full.num_chips  # the map keeps some chips and drops others
+    assert abs(len(got.scores) - len(want.scores)) <= max(2, len(want.scores) // 10)

@@ -1,0 +1,160 @@
+"""Tail latency and admission under open-loop load: ``python -m loadtest.scheduling``.
+
+Against a running service: a closed-loop run measures capacity (images/s) for the image mix; then open-loop
+Poisson runs at fractions of it (default 0.3, 0.5, 0.7, 0.9) and one overload run (default 3x). Per run it reports
+latency percentiles of admitted requests (overall and per image of the mix), the share refused, and for refusals
+(503) how ``Retry-After`` compares with the wait that was actually needed: the time from the refusal until the
+next request of the same image was admitted (an upper bound on the needed wait: arrivals sample it).
+
+Latency is from each request's intended send time (no coordinated omission), as in ``loadtest.generator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from loadtest.images import MixImage, parse_mix, weights
+from loadtest.report import percentile
+from loadtest.schedule import offsets
+
+Row = tuple[float, float, int, int, float | None]  # intended, done, status, pick, Retry-After (s)
+
+
+async def _send(client: httpx.AsyncClient, image: MixImage, params: dict[str, str]) -> tuple[int, float | None]:
+    try:
+        r = await client.post(
+            "/v1/detect", content=image.data, headers={"content-type": image.media_type}, params=params
+        )
+    except httpx.TimeoutException:
+        return 0, None
+    except httpx.TransportError:
+        return -1, None
+    retry = r.headers.get("retry-after")
+    return r.status_code, float(retry) if retry is not None else None
+
+
+async def open_loop(
+    url: str, mix: list[MixImage], rate: float, seconds: float, seed: int, params: dict[str, str]
+) -> list[Row]:
+    schedule = offsets("poisson", rate, seconds, seed)
+    picks = np.random.default_rng(seed + 1).choice(len(mix), size=schedule.size, p=weights(mix))
+    rows: list[Row] = []
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(intended: float, pick: int) -> None:
+            status, retry = await _send(client, mix[pick], params)
+            rows.append((intended, time.perf_counter() - start, status, pick, retry))
+
+        tasks = []
+        for intended, pick in zip(schedule.tolist(), picks.tolist(), strict=True):
+            delay = start + intended - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(intended, pick)))
+        await asyncio.gather(*tasks)
+    return rows
+
+
+async def capacity(url: str, mix: list[MixImage], seconds: float, workers: int, params: dict[str, str]) -> float:
+    """Images/s with ``workers`` clients back to back (closed loop), the mix drawn by its weights."""
+    rng = np.random.default_rng(7)
+    done = 0
+    async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+        stop = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                status, _ = await _send(client, mix[int(rng.choice(len(mix), p=weights(mix)))], params)
+                done += status == 200
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return done / (time.perf_counter() - t0)
+
+
+def _stats(lat: np.ndarray) -> dict[str, float | None]:
+    if lat.size == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    return {k: round(percentile(lat, q) * 1000, 1) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))} | {
+        "max": round(float(lat.max()) * 1000, 1)
+    }
+
+
+def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, Any]:
+    """Per run: admitted latency (ms) overall and per image, refusals, Retry-After vs the needed wait."""
+    rows = sorted(rows)
+    kept = [r for r in rows if r[0] >= warmup]
+    ok = np.array([r[1] - r[0] for r in kept if r[2] == 200])
+    out: dict[str, Any] = {
+        "requests": len(kept),
+        "admitted": int(ok.size),
+        "refused_503": sum(r[2] == 503 for r in kept),
+        "other": sum(r[2] not in (200, 503) for r in kept),
+        "latency_ms": _stats(ok),
+        "by_image": {
+            m.name: _stats(np.array([r[1] - r[0] for r in kept if r[2] == 200 and r[3] == k]))
+            for k, m in enumerate(mix)
+        },
+    }
+    ratios = []
+    for i, (t, _, status, pick, retry) in enumerate(rows):
+        if status != 503 or retry is None or t < warmup:
+            continue
+        later = next((r[0] for r in rows[i + 1 :] if r[3] == pick and r[2] == 200), None)
+        if later is not None:
+            ratios.append(retry / max(later - t, 1e-3))
+    if ratios:
+        a = np.array(ratios)
+        out["retry_after_over_needed"] = {
+            "n": int(a.size),
+            "p10": round(percentile(a, 10), 2),
+            "p50": round(percentile(a, 50), 2),
+            "p90": round(percentile(a, 90), 2),
+            "share_within_2x": round(float(((a >= 0.5) & (a <= 2.0)).mean()), 3),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--mix", default="640x480:4,1920x1080:1", help="image sizes and weights")
+    p.add_argument("--loads", default="0.3,0.5,0.7,0.9,3.0", help="fractions of the measured capacity")
+    p.add_argument("--seconds", type=float, default=25.0, help="per run, warm-up included")
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--capacity-seconds", type=float, default=20.0)
+    p.add_argument("--capacity", type=float, default=None, help="skip the closed-loop run: images/s")
+    p.add_argument("--workers", type=int, default=4, help="closed-loop clients for the capacity run")
+    p.add_argument("--param", action="append", default=[], metavar="K=V", help="query option for every request")
+    p.add_argument("--label", default="", help="name of this configuration in the report")
+    p.add_argument("--json", type=Path, required=True)
+    args = p.parse_args(argv)
+    params = dict(kv.split("=", 1) for kv in args.param)
+    mix = parse_mix(args.mix)
+    cap = args.capacity or asyncio.run(capacity(args.url, mix, args.capacity_seconds, args.workers, params))
+    print(f"capacity {cap:.2f} images/s", flush=True)
+    runs = []
+    for k, f in enumerate(float(x) for x in args.loads.split(",")):
+        rows = asyncio.run(open_loop(args.url, mix, f * cap, args.seconds, 100 + k, params))
+        s = {"load": f, "rate": round(f * cap, 3)} | summarize(rows, mix, args.warmup)
+        print(json.dumps(s), flush=True)
+        runs.append(s)
+    report = {"label": args.label, "mix": args.mix, "capacity_images_per_s": round(cap, 3), "runs": runs}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

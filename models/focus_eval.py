@@ -1,0 +1,210 @@
+"""Focus against the full pyramid over a sweep of focus thresholds: AP (all, S/M/L), chips per image, a curve.
+
+``snipserve eval --data DIR --model M --mode focus --sweep 0.02,0.05,0.1,0.2,0.3 --json OUT.json`` writes
+``OUT.json``, ``OUT.md`` and ``OUT_focus_curve.png`` (chips saved against AP lost, one point per threshold).
+
+Exact and cheap: FocusChips are chips of the pyramid's own tiling (``service.focus``), and a chip's outputs do
+not depend on which other chips run. So every image is run once through the whole pyramid (the service's
+``Pipeline.run_chips``), each chip's detections and focus map are kept, and each threshold replays the service's
+own coarse-to-fine walk (``service.focus.FocusRun``) over them, then the service's postprocess and merge. What a
+threshold scores is what ``preset=focus`` serves at that threshold (``tests/models/test_focus_eval.py`` checks it
+against ``Pipeline.detect``). Timing (images/s) needs a real run: ``--mode focus --focus-threshold T``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.evaluate import METRICS, EvalConfig, coco_scores, mode_options, read_rgb
+from models.synth import load_coco
+from service.adapters import ChipDetections
+from service.focus import FocusRun
+
+GOAL_RATIO = 2.5  # the issue's goal: at least this many times fewer chips per image ...
+GOAL_AP_LOST = 1.0  # ... for at most this many AP points lost, on every split
+
+
+def _subset(dets: ChipDetections, rows: np.ndarray, n_chips: int) -> ChipDetections:
+    """Detections of the pyramid chips ``rows`` (in that order), re-indexed 0..len(rows)-1."""
+    where = np.full(n_chips, -1, np.int64)
+    where[rows] = np.arange(rows.size)
+    keep = where[dets.chip] >= 0
+    d = dets.select(keep)
+    return ChipDetections(where[d.chip].astype(np.int32), d.boxes, d.scores, d.classes)
+
+
+def replay(pipe: Any, prepared: Any, dets: ChipDetections, maps: np.ndarray | None, options: Any) -> Any:
+    """The focus result of ``options`` from one image's cached pyramid chips (``prepared.plan`` = the pyramid)."""
+    focus = pipe.focus_config(options)
+    full = prepared.plan
+    index = {tuple(c): i for i, c in enumerate(full.chips.tolist())}
+    run = FocusRun(full, focus, prepared.threshold)
+    while (chips := run.next_chips()) is not None:
+        rows = np.asarray([index[tuple(c)] for c in chips.tolist()], np.int64)
+        sub_maps = None if maps is None else maps[rows]
+        run.add(chips, _subset(dets, rows, full.num_chips), sub_maps)
+    fresh = type(prepared)(full, prepared.level_images, prepared.threshold, dict(prepared.timings))
+    return pipe.finish_focus(fresh, run, options)
+
+
+def _coco_dets(res: Any, image_id: int, cat_ids: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for box, score, cls in zip(res.boxes.tolist(), res.scores.tolist(), res.classes.tolist(), strict=True):
+        x1, y1, x2, y2 = box
+        out.append(
+            {"image_id": image_id, "category_id": cat_ids[cls], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+        )
+    return out
+
+
+def sweep(
+    data_dir: Path,
+    model_path: Path | None,
+    thresholds: list[float],
+    cfg: EvalConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pyramid and focus at each of ``thresholds`` on the dataset at ``data_dir``; the results dict."""
+    from service.engines import EngineConfig
+    from service.pipeline import Pipeline
+
+    cfg = cfg or EvalConfig()
+    coco, items = _dataset(data_dir, cfg.max_images)
+    pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=cfg.threads, max_batch=cfg.max_batch))
+    chip = pipe.card.input_size
+    pyramid_opts = mode_options("pyramid", chip, cfg)
+    focus_opts = {t: mode_options("focus", chip, cfg.model_copy(update={"focus_threshold": t})) for t in thresholds}
+    cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    dets: dict[str, list[dict[str, Any]]] = {"pyramid": [], **{str(t): [] for t in thresholds}}
+    chips = dict.fromkeys(dets, 0)
+    by_level: dict[str, np.ndarray] = {k: np.zeros(len(pipe.card.default_levels), np.int64) for k in dets}
+    seconds = 0.0
+    it: Any = list(zip(coco["images"], items, strict=True))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=f"focus sweep {thresholds}", unit="img")
+    for im, (path, _, _) in it:
+        image = read_rgb(path)
+        t0 = time.perf_counter()
+        prepared = pipe.prepare(image, pyramid_opts)
+        cached, maps = pipe.run_chips(prepared, prepared.plan.chips, prepared.threshold)
+        full = pipe.finish(prepared, cached, pyramid_opts)
+        seconds += time.perf_counter() - t0
+        results = {"pyramid": full} | {str(t): replay(pipe, prepared, cached, maps, focus_opts[t]) for t in thresholds}
+        for k, res in results.items():
+            dets[k] += _coco_dets(res, im["id"], cat_ids)
+            chips[k] += res.num_chips
+            by_level[k][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))
+    rows = _rows({k: coco_scores(coco, v) for k, v in dets.items()}, chips, by_level, len(items))
+    focus_rows = [r for r in rows if r["threshold"] is not None]
+    meets = [r for r in focus_rows if r["chips_ratio"] >= GOAL_RATIO and r["AP_lost_points"] <= GOAL_AP_LOST]
+    best = max(meets, key=lambda r: r["chips_ratio"]) if meets else None
+    return {
+        "data": str(data_dir),
+        "model": str(model_path) if model_path is not None else "default",
+        "focus_source": "head" if pipe.card.focus is not None and pipe.card.focus.output else "detections",
+        "images": len(items),
+        "pyramid": rows[0],
+        "focus": focus_rows,
+        "goal": {"chips_ratio_at_least": GOAL_RATIO, "AP_lost_points_at_most": GOAL_AP_LOST, "met": best is not None},
+        "best_threshold": None if best is None else best["threshold"],
+        "pyramid_images_per_second": round(len(items) / max(seconds, 1e-9), 3),
+        "settings": cfg.model_dump(),
+        "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on its chips' outputs",
+    }
+
+
+def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:
+    """The COCO dict and items of ``data_dir``, cut to the first ``max_images`` images."""
+    coco, items = load_coco(data_dir)
+    if max_images is None:
+        return coco, items
+    keep = {im["id"] for im in coco["images"][:max_images]}
+    images = coco["images"][:max_images]
+    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}, items[
+        :max_images
+    ]
+
+
+def _rows(
+    scored: dict[str, dict[str, Any]], chips: dict[str, int], by_level: dict[str, np.ndarray], images: int
+) -> list[dict[str, Any]]:
+    """One row per configuration ('pyramid' first, then each threshold): COCO AP, chips, ratios to the pyramid."""
+    n, base = max(images, 1), scored["pyramid"]
+    rows = []
+    for k in scored:
+        r = {m: round(scored[k][m], 4) for m in METRICS}
+        r |= {
+            "chips_per_image": round(chips[k] / n, 2),
+            "chips_per_image_by_level": [round(float(c) / n, 2) for c in by_level[k]],
+            "chips_ratio": round(chips["pyramid"] / max(chips[k], 1), 3),
+            "AP_lost_points": round(100 * (base["AP"] - scored[k]["AP"]), 2),
+            "AP_S_lost_points": round(100 * (base["AP_S"] - scored[k]["AP_S"]), 2),
+        }
+        rows.append({"threshold": None if k == "pyramid" else float(k), **r})
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Focus vs pyramid as a Markdown table, with the goal's verdict."""
+    head = "| mode | threshold | AP | AP50 | AP_S | AP_M | AP_L | chips/img | fewer chips | AP lost (pts) |"
+    lines = [head, "|" + "---|" * 10]
+    for r in [results["pyramid"], *results["focus"]]:
+        t = "—" if r["threshold"] is None else f"{r['threshold']:g}"
+        name = "pyramid" if r["threshold"] is None else "focus"
+        lines.append(
+            f"| {name} | {t} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP_S']:.3f} | {r['AP_M']:.3f} | {r['AP_L']:.3f} | "
+            f"{r['chips_per_image']:.1f} | {r['chips_ratio']:.2f}x | {r['AP_lost_points']:+.2f} |"
+        )
+    g = results["goal"]
+    verdict = (
+        f"goal (>= {g['chips_ratio_at_least']}x fewer chips at <= {g['AP_lost_points_at_most']} AP point lost): "
+        + (f"met at threshold {results['best_threshold']:g}" if g["met"] else "not met at any threshold tried")
+    )
+    src = results["focus_source"]
+    return (
+        "\n".join(lines) + f"\n\n{results['images']} images of {results['data']}; focus map from the {src}. {verdict}\n"
+    )
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """PNG: chips saved (x fewer than the pyramid) against AP points lost, one labelled point per threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(results["focus"], key=lambda r: r["threshold"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    xs, ys = [r["chips_ratio"] for r in rows], [r["AP_lost_points"] for r in rows]
+    ax.plot(xs, ys, marker="o", label="focus (AP, all sizes)")
+    ax.plot(xs, [r["AP_S_lost_points"] for r in rows], marker="s", ls="--", alpha=0.7, label="focus (AP_S)")
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        ax.annotate(f"t={r['threshold']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(GOAL_AP_LOST, color="grey", lw=0.8, ls=":")
+    ax.axvline(GOAL_RATIO, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("chips saved: pyramid chips / focus chips per image")
+    ax.set_ylabel("AP lost vs pyramid (points)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"Focus vs pyramid, {results['images']} images ({Path(results['data']).name})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], json_path: Path) -> list[Path]:
+    """JSON, Markdown and PNG next to each other (``X.json``, ``X.md``, ``X_focus_curve.png``)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    md = json_path.with_suffix(".md")
+    md.write_text(markdown(results))
+    png = json_path.with_name(json_path.stem + "_focus_curve.png")
+    plot(results, png)
+    return [json_path, md, png]

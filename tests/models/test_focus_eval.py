@@ -1,0 +1,52 @@
+"""The focus sweep's replay is exactly what the service's 'focus' preset serves; reports get written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.evaluate import EvalConfig, mode_options
+from models.focus_eval import markdown, replay, write
+from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD
+from service.modelcard import ModelCard
+from tests.service.test_pipeline_focus import boxes, pipeline, scene
+
+
+@pytest.mark.parametrize("card", [FAKE_FOCUS_CARD, FAKE_CARD], ids=["head", "fallback"])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_replay_equals_the_served_focus_preset(card: ModelCard, threshold: float) -> None:
+    pipe = pipeline(card)
+    img = scene()
+    cfg = EvalConfig(focus_threshold=threshold)
+    pyramid = mode_options("pyramid", pipe.card.input_size, cfg)
+    focus = mode_options("focus", pipe.card.input_size, cfg)
+    prepared = pipe.prepare(img, pyramid)
+    dets, maps = pipe.run_chips(prepared, prepared.plan.chips, prepared.threshold)
+    replayed = replay(pipe, prepared, dets, maps, focus)
+    served = pipe.detect(img, focus)
+    assert replayed.plan.chips.tolist() == served.plan.chips.tolist()
+    assert boxes(replayed) == boxes(served)
+    assert np.allclose(np.sort(replayed.scores), np.sort(served.scores))
+    assert replayed.focus == served.focus
+
+
+def test_reports(tmp_path: Path) -> None:
+    row = {"AP": 0.5, "AP50": 0.8, "AP75": 0.5, "AP_S": 0.3, "AP_M": 0.6, "AP_L": 0.7, "chips_per_image": 10.0}
+    results = {
+        "data": "val",
+        "images": 3,
+        "focus_source": "head",
+        "pyramid": {**row, "threshold": None, "chips_ratio": 1.0, "AP_lost_points": 0.0, "AP_S_lost_points": 0.0},
+        "focus": [
+            {**row, "threshold": t, "chips_ratio": r, "AP_lost_points": lost, "AP_S_lost_points": lost}
+            for t, r, lost in ((0.1, 2.0, 0.2), (0.3, 3.0, 0.9))
+        ],
+        "goal": {"chips_ratio_at_least": 2.5, "AP_lost_points_at_most": 1.0, "met": True},
+        "best_threshold": 0.3,
+    }
+    paths = write(results, tmp_path / "focus.json")
+    assert [p.name for p in paths] == ["focus.json", "focus.md", "focus_focus_curve.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "met at threshold 0.3" in markdown(results)

@@ -1,0 +1,102 @@
+"""The 'focus' preset end to end: coarse-to-fine FocusChips through the pipeline and the shared batcher.
+
+The fake engine detects saturated colour blobs; its focus stand-in marks the cells that hold one, so FocusChips
+must find every blob with far fewer chips than the pyramid, and with the same detections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batch import Batcher, BatcherConfig
+from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD, FakeEngine
+from service.errors import InvalidOptions
+from service.modelcard import ModelCard
+from service.options import DetectOptions
+from service.pipeline import Pipeline, Result
+from service.plan import LevelSpec
+
+LEVELS = (LevelSpec(scale=2.0), LevelSpec(scale=1.0), LevelSpec(long_side=128))
+
+
+def pipeline(card: ModelCard) -> Pipeline:
+    return Pipeline(FakeEngine(card=card.model_copy(update={"default_levels": LEVELS}), max_batch=8))
+
+
+def scene() -> np.ndarray:
+    """900x700 grey image with three small blobs (7-10 px) in two corners: small at every level but the finest."""
+    img = np.full((700, 900, 3), 128, np.uint8)
+    img[60:68, 80:88] = (255, 0, 0)
+    img[100:110, 120:128] = (0, 255, 0)
+    img[600:607, 800:808] = (0, 0, 255)
+    return img
+
+
+def boxes(r: Result) -> list[tuple[int, ...]]:
+    return sorted(tuple(int(round(v)) for v in b) + (int(c),) for b, c in zip(r.boxes, r.classes, strict=True))
+
+
+@pytest.mark.parametrize("card", [FAKE_FOCUS_CARD, FAKE_CARD], ids=["head", "fallback"])
+def test_focus_finds_the_pyramids_objects_with_fewer_chips(card: ModelCard) -> None:
+    pipe = pipeline(card)
+    img = scene()
+    full = pipe.detect(img, DetectOptions(preset="pyramid"))
+    focus = pipe.detect(img, DetectOptions(preset="focus", focus_threshold=0.5))
+    assert focus.focus is not None and full.focus is None
+    assert boxes(focus) == boxes(full) and len(boxes(full)) == 3
+    assert focus.num_chips * 2.5 <= full.num_chips, (focus.num_chips, full.num_chips)
+    # the focus chips are chips of the pyramid, coarse level first and whole
+    ordinary = {tuple(c) for c in full.plan.chips.tolist()}
+    assert {tuple(c) for c in focus.plan.chips.tolist()} <= ordinary
+    assert [lv.index for lv in focus.focus] == [2, 1, 0]
+    assert focus.focus[0].area == 1.0 and all(0 < lv.area < 0.5 for lv in focus.focus[1:])
+    per_level = np.bincount(focus.plan.chips[:, 0], minlength=3)
+    assert [lv.chips for lv in focus.focus] == [int(per_level[2]), int(per_level[1]), int(per_level[0])]
+
+
+def test_threshold_zero_runs_the_whole_pyramid_and_one_only_what_is_in_focus() -> None:
+    pipe = pipeline(FAKE_FOCUS_CARD)
+    img = scene()
+    full = pipe.detect(img, DetectOptions(preset="pyramid"))
+    every = pipe.detect(img, DetectOptions(preset="focus", focus_threshold=0.0))
+    assert sorted(every.plan.chips.tolist()) == sorted(full.plan.chips.tolist())
+    assert boxes(every) == boxes(full)
+    blank = np.full((700, 900, 3), 128, np.uint8)
+    nothing = pipe.detect(blank, DetectOptions(preset="focus", focus_threshold=1.0))
+    assert nothing.num_chips == 1 and [lv.chips for lv in nothing.focus or []] == [1, 0, 0]
+
+
+def test_default_mode_focus_and_option_errors() -> None:
+    pipe = pipeline(FAKE_FOCUS_CARD.model_copy(update={"default_mode": "focus"}))
+    assert pipe.detect(scene()).focus is not None  # preset 'default' runs focus on this card
+    assert pipe.detect(scene(), DetectOptions(preset="pyramid")).focus is None
+    plain = pipeline(FAKE_FOCUS_CARD)
+    with pytest.raises(InvalidOptions, match="focus_threshold"):
+        plain.detect(scene(), DetectOptions(focus_threshold=0.4))
+    with pytest.raises(InvalidOptions, match="focus_threshold"):
+        plain.detect(scene(), DetectOptions(preset="focus", levels=LEVELS, focus_threshold=0.4))
+
+
+def test_focus_through_the_batcher_matches_the_synchronous_run() -> None:
+    pipe = pipeline(FAKE_FOCUS_CARD)
+    img = scene()
+    sync = pipe.detect(img, DetectOptions(preset="focus"))
+
+    async def run() -> list[Result]:
+        batcher = Batcher(pipe.engine, pipe.adapter, pipe.norm, BatcherConfig(max_batch=8), pipe.staging)
+        await batcher.start()
+        try:
+            opts = [DetectOptions(preset="focus"), DetectOptions(preset="pyramid"), DetectOptions(preset="focus")]
+            return list(await asyncio.gather(*(pipe.detect_async(img, o, batcher) for o in opts)))
+        finally:
+            await batcher.stop()
+
+    a, full, b = asyncio.run(run())
+    for r in (a, b):
+        assert sorted(r.plan.chips.tolist()) == sorted(sync.plan.chips.tolist())
+        assert boxes(r) == boxes(sync) == boxes(full)
+        assert r.focus == sync.focus
+    assert {"queue_wait", "infer", "crop"} <= set(a.timings)

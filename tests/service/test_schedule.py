@@ -1,0 +1,178 @@
+"""Scheduling and admission by time: fair round robin, earliest deadline first, refusal with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from service.batch import Batcher, Submission
+from service.engines.fake import FakeEngine
+from service.errors import QueueFull
+from tests.service.test_batch import make_batcher, work_for
+
+
+async def completion_order(schedule: str, sizes: list[int], deadlines: list[float] | None = None) -> list[int]:
+    """Submit requests of ``sizes`` chips at once (batch of 2 chips per engine call); indices in completion order."""
+    engine = FakeEngine(max_batch=2)
+    b = make_batcher(engine, max_batch=2, max_delay_ms=0.0, schedule=schedule, fair_quantum=1)
+    done: list[int] = []
+    await b.start()
+    try:
+        now = time.monotonic()
+        works = []
+        for i, n in enumerate(sizes):
+            dl = math.inf if deadlines is None else now + deadlines[i]
+            works.append(await b.submit(*work_for(n), threshold=0.5, deadline=dl))
+        for i, w in enumerate(works):
+            w.future.add_done_callback(lambda _f, i=i: done.append(i))
+        await asyncio.wait_for(asyncio.gather(*(w.future for w in works)), 10)
+        await asyncio.sleep(0)
+    finally:
+        await b.stop()
+    return done
+
+
+async def test_fair_lets_a_small_request_pass_a_large_one() -> None:
+    assert await completion_order("fifo", [12, 1, 1]) == [0, 1, 2]
+    assert (await completion_order("fair", [12, 1, 1]))[-1] == 0  # the small ones finish first
+
+
+async def test_fair_round_robin_interleaves_chips() -> None:
+    engine = FakeEngine(max_batch=3)
+    b = make_batcher(engine, max_batch=3, max_delay_ms=50.0, schedule="fair", fair_quantum=1)
+    await b.start()
+    try:
+        works = [await b.submit(*work_for(n), threshold=0.5) for n in (4, 4, 4)]
+        await asyncio.wait_for(asyncio.gather(*(w.future for w in works)), 10)
+        # every batch of 3 took one chip of each request (the window collects all three submissions first)
+        assert engine.calls == [3, 3, 3, 3]
+        assert all(w.future.result() is not None for w in works)
+    finally:
+        await b.stop()
+
+
+async def test_edf_serves_the_earliest_deadline_first() -> None:
+    assert await completion_order("edf", [6, 6, 2], deadlines=[30.0, 5.0, 60.0]) == [1, 0, 2]
+
+
+async def measured(b: Batcher, chips: int = 16) -> None:
+    w = await b.submit(*work_for(chips), threshold=0.5)
+    await asyncio.wait_for(w.future, 10)
+    assert b.drain_rate > 0
+
+
+async def test_refuses_at_once_beyond_the_queueing_bound_with_retry_after_from_the_drain_rate() -> None:
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, max_queue_wait_s=1.0, schedule="fifo")
+    await b.start()
+    try:
+        await measured(b)
+        rate = b.drain_rate
+        backlog = int(rate * 3)  # about three seconds of work
+        assert b.estimated_wait(backlog) is not None
+        big = await b.submit(*work_for(backlog), threshold=0.5, how=Submission(continuation=True))  # bound not applied
+        t0 = time.monotonic()
+        with pytest.raises(QueueFull) as info:
+            await b.submit(*work_for(4), threshold=0.5)
+        assert time.monotonic() - t0 < 0.05  # refused at once, not after queueing
+        wait = b.estimated_wait(4)
+        assert wait is not None and wait > 1.0
+        retry = int(info.value.headers["Retry-After"])
+        assert retry == max(1, math.ceil(max(wait - 1.0, 4 / b.drain_rate))) or abs(retry - (wait - 1.0)) <= 1
+        assert "queueing bound" in info.value.message
+        big.future.cancel()
+    finally:
+        await b.stop()
+
+
+async def test_refuses_what_cannot_finish_within_its_deadline() -> None:
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="fifo")
+    await b.start()
+    try:
+        await measured(b)
+        big = await b.submit(*work_for(int(b.drain_rate * 3)), threshold=0.5)
+        with pytest.raises(QueueFull, match="deadline"):
+            await b.submit(*work_for(4), threshold=0.5, deadline=time.monotonic() + 0.5)
+        ok = await b.submit(*work_for(1), threshold=0.5, deadline=time.monotonic() + 60)  # fits: admitted
+        assert not ok.future.done()
+        big.future.cancel()
+        ok.future.cancel()
+    finally:
+        await b.stop()
+
+
+async def test_fair_admits_a_small_request_behind_a_backlog_that_fifo_refuses() -> None:
+    for schedule, admitted in (("fair", True), ("fifo", False)):
+        engine = FakeEngine(max_batch=4, delay=0.02)
+        b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule=schedule, max_queue_wait_s=1.0)
+        await b.start()
+        try:
+            await measured(b)
+            big = await b.submit(*work_for(int(b.drain_rate * 3)), threshold=0.5, how=Submission(continuation=True))
+            try:
+                small = await b.submit(*work_for(2), threshold=0.5)
+            except QueueFull:
+                assert not admitted, schedule
+            else:
+                assert admitted, schedule
+                await asyncio.wait_for(small.future, 2.0)  # served alongside the backlog, long before it drains
+                assert not big.future.done()
+            big.future.cancel()
+        finally:
+            await b.stop()
+
+
+def test_drain_rate_is_chips_over_wall_clock_between_completions(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine(max_batch=8)
+    b = make_batcher(engine, drain_smoothing=0.5)
+    clock = [100.0]
+    monkeypatch.setattr("service.batch.time.monotonic", lambda: clock[0])
+    b._account(8, started=99.9)  # first batch after idle: 8 chips in 0.1 s of its own
+    assert b.drain_rate == pytest.approx(80.0)
+    clock[0] = 100.2
+    b._account(8, started=99.95)  # overlapped the previous batch: 8 chips since its completion (0.2 s)
+    assert b.drain_rate == pytest.approx(0.5 * 80 + 0.5 * 40)
+    assert b.estimated_wait(10) == pytest.approx(10 / 60)
+    clock[0] = 101.0
+    b._account(6, started=100.9)  # after an idle gap: only its own 0.1 s counts
+    assert b.drain_rate == pytest.approx(0.5 * 60 + 0.5 * 60)
+
+
+async def test_edf_targets_follow_the_requests_own_size() -> None:
+    engine = FakeEngine(max_batch=2, delay=0.01)
+    b = make_batcher(engine, max_batch=2, max_delay_ms=0.0, schedule="edf")
+    await b.start()
+    try:
+        await measured(b, chips=8)
+        big = await b.submit(*work_for(30), threshold=0.5)
+        small = await b.submit(*work_for(2), threshold=0.5)
+        assert small.target < big.target  # its own service time is shorter
+        await asyncio.wait_for(small.future, 5)
+        assert not big.future.done()  # the small request did not wait for the large one ahead of it
+        await asyncio.wait_for(big.future, 10)
+    finally:
+        await b.stop()
+
+
+async def test_edf_refuses_a_request_that_would_push_an_admitted_one_late() -> None:
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="edf", max_queue_wait_s=60.0)
+    await b.start()
+    try:
+        await measured(b)
+        rate = b.drain_rate
+        # an admitted request with a hard deadline it just meets: ~2 s of chips, deadline 2.4 s away
+        tight = await b.submit(*work_for(int(rate * 2)), threshold=0.5, deadline=time.monotonic() + 2.4)
+        assert tight.hard < time.monotonic() + 2.4
+        # a newcomer with an earlier target whose chips would make the tight one miss its deadline
+        with pytest.raises(QueueFull, match="requests it would delay") as info:
+            await b.submit(*work_for(int(rate * 1.0)), threshold=0.5, deadline=time.monotonic() + 1.5)
+        retry = int(info.value.headers["Retry-After"])
+        assert 1 <= retry <= 3  # until the tight request is done (about 2 s)
+        tight.future.cancel()
+    finally:
+        await b.stop()

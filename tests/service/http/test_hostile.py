@@ -377,4 +377,4 @@ def test_early_answer_then_body_bytes_are_not_a_request_head() -> None:
                 sock.sendall(b"\0" * 10_000)
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 401"), reply[:100]
-    assert b"431" not in reply and reply.count(b"HTTP/1.1 ") == 1, reply[:400]
+    assert b"HTTP/1.1 431" not in reply and reply.count(b"HTTP/1.1 ") == 1, reply[:400]

@@ -289,9 +289,9 @@ def real_chips_from(data_dir: Path, card: ModelCard, images: int = 2, max_chips:
     """Normalised chips ``float32 [N, 3, C, C]`` cut from the first ``images`` images of a COCO folder by the
     service's planner at the card's default levels (for the parity check on real pixels)."""
     from models.sniper import crop_chip
-    from service.crop import resize_level
     from models.synth import load_coco
     from models.train import _read_rgb, normalise
+    from service.crop import resize_level
     from service.plan import PlanConfig, plan
 
     _, items = load_coco(data_dir)

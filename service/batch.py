@@ -469,7 +469,8 @@ class Batcher:
             self._buffers.append(buffer)
             self._slots.release()
             self._wakeup.set()
-        self._account(rows, started, t2 - t1)
+        self._account(rows, started)
+        metrics.INFER_SECONDS.inc(rows * (t2 - t1))
         self._distribute(slices, dets, focus, t1 - t0, t2 - t1)
 
     def _decode(self, outputs: list[np.ndarray], thresholds: np.ndarray) -> tuple[ChipDetections, np.ndarray | None]:
@@ -486,11 +487,10 @@ class Batcher:
             thresholds[s.row : s.row + s.stop - s.start] = s.work.threshold
         return thresholds, self.staging.fill(parts, buffer)
 
-    def _account(self, rows: int, started: float, infer_s: float) -> None:
+    def _account(self, rows: int, started: float) -> None:
         metrics.BATCH_SIZE.observe(rows)
         metrics.BATCH_FILL.observe(rows / self.max_batch)
         metrics.CHIPS.inc(rows)
-        metrics.INFER_SECONDS.inc(rows * infer_s)
         # Drain rate on the wall clock: this batch's chips over the time since the previous batch completed (or
         # since it started, after an idle gap) -- with overlapping batches that is the rate the queue empties at.
         now = time.monotonic()

@@ -11,7 +11,8 @@ Eval mode then computes ``(z - mu) / sigma * sigma + mu + b = z + b``: exactly t
     python scripts/recover_checkpoint.py --onnx models/snipserve_default.onnx --data data/synth_train \
         --out runs/synthetic/model.pt
 
-The result is checked against ONNX Runtime on calibration chips (max |diff| printed; fails above 1e-3).
+The result is checked against ONNX Runtime on calibration chips (printed; fails above 0.04 px max |diff| on ltrb
+or 1e-4 median |diff| on the heatmap).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def main() -> None:
     d_ltrb = float(np.abs(ltrb_t.numpy() - ltrb_o).max())
     d_heat = float(np.median(np.abs(heat_t.numpy() - heat_o)))
     print(f"parity vs ONNX Runtime: ltrb max |diff| {d_ltrb:.2e}, heatmap median |diff| {d_heat:.2e}")
-    if d_ltrb > 1e-2 * 4 or d_heat > 1e-4:
+    if d_ltrb > 0.04 or d_heat > 1e-4:
         raise SystemExit("recovered network does not match the ONNX model")
     tr = card["training"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import httpx
@@ -58,6 +59,20 @@ def _client(config: LoadConfig, transport: httpx.AsyncBaseTransport | None) -> h
     )
 
 
+async def fire_at(
+    schedule: np.ndarray, picks: np.ndarray, start: float, one: Callable[[float, int], Awaitable[None]]
+) -> None:
+    """Open loop: start ``one(intended, pick)`` at each intended time (seconds after ``start``, on
+    ``time.perf_counter``), never waiting for earlier replies; return when all have finished."""
+    tasks = []
+    for intended, pick in zip(schedule.tolist(), picks.tolist(), strict=True):
+        delay = start + intended - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(intended, pick)))
+    await asyncio.gather(*tasks)
+
+
 async def _send(client: httpx.AsyncClient, config: LoadConfig, image: MixImage) -> int:
     """POST one image; the HTTP status, or a pseudo-status for client timeouts and transport errors."""
     try:
@@ -86,13 +101,7 @@ async def run_open(
             status = await _send(client, config, mix[pick])
             rows.append((intended, sent, time.perf_counter() - start, status, pick))
 
-        tasks = []
-        for intended, pick in zip(schedule.tolist(), picks.tolist(), strict=True):
-            delay = start + intended - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(intended, pick)))
-        await asyncio.gather(*tasks)
+        await fire_at(schedule, picks, start, one)
     return Samples.from_rows(rows)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtest.generator import fire_at
 from loadtest.images import MixImage, parse_mix, weights
 from loadtest.report import percentile
 from loadtest.schedule import offsets
@@ -55,13 +56,7 @@ async def open_loop(
             status, retry = await _send(client, mix[pick], params)
             rows.append((intended, time.perf_counter() - start, status, pick, retry))
 
-        tasks = []
-        for intended, pick in zip(schedule.tolist(), picks.tolist(), strict=True):
-            delay = start + intended - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(intended, pick)))
-        await asyncio.gather(*tasks)
+        await fire_at(schedule, picks, start, one)
     return rows
 
 

@@ -239,6 +239,15 @@ def _image_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
+def _checked_size(spec: SourceSpec, rel: str, path: Path, report: Report) -> tuple[int, int] | None:
+    """The image's size, or ``None`` after reporting it as corrupt."""
+    try:
+        return _image_size(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        report.add(spec.name, rel, "corrupt image", f"{type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
 def _label_key(path: Path) -> str:
     """Images and labels pair by file stem (``a/images/x.jpg`` <-> ``a/labels/x.txt``)."""
     return path.stem
@@ -292,10 +301,8 @@ def import_files(spec: SourceSpec, root: Path, report: Report) -> list[Record]:
     records = []
     for path in images:
         rel = path.relative_to(root).as_posix()
-        try:
-            size = _image_size(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            report.add(spec.name, rel, "corrupt image", f"{type(e).__name__}: {str(e)[:120]}")
+        size = _checked_size(spec, rel, path, report)
+        if size is None:
             continue
         label = labels.get(_label_key(path))
         if label is None:
@@ -341,10 +348,8 @@ def import_coco(spec: SourceSpec, root: Path, report: Report) -> list[Record]:
         if not path.is_file():
             report.add(spec.name, rel, "label without image", "annotations name an image that is not there")
             continue
-        try:
-            size = _image_size(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            report.add(spec.name, rel, "corrupt image", f"{type(e).__name__}: {str(e)[:120]}")
+        size = _checked_size(spec, rel, path, report)
+        if size is None:
             continue
         kept = [k for b in per.get(image_id, []) if (k := _keep_box(spec, rel, b, size, report)) is not None]
         records.append(Record(path, rel, _group_key(spec, path), size[0], size[1], kept))

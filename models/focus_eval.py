@@ -3,10 +3,11 @@
 ``snipserve eval --data DIR --model M --mode focus --sweep 0.02,0.05,0.1,0.2,0.3 --json OUT.json`` writes
 ``OUT.json``, ``OUT.md`` and ``OUT_focus_curve.png`` (chips saved against AP lost, one point per threshold).
 
-Exact and cheap: FocusChips are chips of the pyramid's own tiling (``service.focus``), and a chip's outputs do
-not depend on which other chips run. So every image is run once through the whole pyramid (the service's
-``Pipeline.run_chips``), each chip's detections and focus map are kept, and each threshold replays the service's
-own coarse-to-fine walk (``service.focus.FocusRun``) over them, then the service's postprocess and merge. What a
+Exact and cheap: a chip's outputs do not depend on which other chips run. So every image is run once through the
+whole pyramid (the service's ``Pipeline.run_chips``), each chip's detections and focus map are kept
+(:class:`ChipCache`), and each threshold replays the service's own coarse-to-fine walk
+(``service.focus.FocusRun``) over them -- running, once per image, the freely placed FocusChips that are not
+chips of the pyramid's tiling -- then the service's postprocess and merge. What a
 threshold scores is what ``preset=focus`` serves at that threshold (``tests/models/test_focus_eval.py`` checks it
 against ``Pipeline.detect``). Timing (images/s) needs a real run: ``--mode focus --focus-threshold T``.
 """
@@ -30,7 +31,7 @@ GOAL_AP_LOST = 1.0  # ... for at most this many AP points lost, on every split
 
 
 def _subset(dets: ChipDetections, rows: np.ndarray, n_chips: int) -> ChipDetections:
-    """Detections of the pyramid chips ``rows`` (in that order), re-indexed 0..len(rows)-1."""
+    """Detections of the cached chips ``rows`` (in that order), re-indexed 0..len(rows)-1."""
     where = np.full(n_chips, -1, np.int64)
     where[rows] = np.arange(rows.size)
     keep = where[dets.chip] >= 0
@@ -38,16 +39,43 @@ def _subset(dets: ChipDetections, rows: np.ndarray, n_chips: int) -> ChipDetecti
     return ChipDetections(where[d.chip].astype(np.int32), d.boxes, d.scores, d.classes)
 
 
-def replay(pipe: Any, prepared: Any, dets: ChipDetections, maps: np.ndarray | None, options: Any) -> Any:
-    """The focus result of ``options`` from one image's cached pyramid chips (``prepared.plan`` = the pyramid)."""
+class ChipCache:
+    """One image's chip outputs (detections at the prepared threshold, focus maps), run on first use and kept."""
+
+    def __init__(self, pipe: Any, prepared: Any) -> None:
+        self.pipe, self.prepared = pipe, prepared
+        self.rows: dict[tuple[int, int, int], int] = {}
+        self.dets = ChipDetections.empty()
+        self.maps: np.ndarray | None = None
+
+    def get(self, chips: np.ndarray) -> tuple[ChipDetections, np.ndarray | None]:
+        """Outputs of ``chips`` (``int32 [K, 3]``; chip = row of ``chips``), running those not seen yet."""
+        keys = [(int(a), int(b), int(c)) for a, b, c in chips.tolist()]
+        new = list(dict.fromkeys(k for k in keys if k not in self.rows))
+        if new:
+            dets, maps = self.pipe.run_chips(self.prepared, np.asarray(new, np.int32), self.prepared.threshold)
+            start = len(self.rows)
+            self.rows.update({k: start + i for i, k in enumerate(new)})
+            shifted = ChipDetections(dets.chip + start, dets.boxes, dets.scores, dets.classes)
+            self.dets = ChipDetections(
+                *(
+                    np.concatenate(x)
+                    for x in zip(*((d.chip, d.boxes, d.scores, d.classes) for d in (self.dets, shifted)), strict=True)
+                )
+            )
+            if maps is not None:
+                self.maps = maps if self.maps is None else np.concatenate([self.maps, maps])
+        rows = np.asarray([self.rows[k] for k in keys], np.int64)
+        return _subset(self.dets, rows, len(self.rows)), None if self.maps is None else self.maps[rows]
+
+
+def replay(pipe: Any, prepared: Any, cache: ChipCache, options: Any) -> Any:
+    """The focus result of ``options`` from one image's chip cache (``prepared.plan`` = the pyramid)."""
     focus = pipe.focus_config(options)
     full = prepared.plan
-    index = {tuple(c): i for i, c in enumerate(full.chips.tolist())}
     run = FocusRun(full, focus, prepared.threshold)
     while (chips := run.next_chips()) is not None:
-        rows = np.asarray([index[tuple(c)] for c in chips.tolist()], np.int64)
-        sub_maps = None if maps is None else maps[rows]
-        run.add(chips, _subset(dets, rows, full.num_chips), sub_maps)
+        run.add(chips, *cache.get(chips))
     fresh = type(prepared)(full, prepared.level_images, prepared.threshold, dict(prepared.timings))
     return pipe.finish_focus(fresh, run, options)
 
@@ -93,10 +121,10 @@ def sweep(
         image = read_rgb(path)
         t0 = time.perf_counter()
         prepared = pipe.prepare(image, pyramid_opts)
-        cached, maps = pipe.run_chips(prepared, prepared.plan.chips, prepared.threshold)
-        full = pipe.finish(prepared, cached, pyramid_opts)
+        cache = ChipCache(pipe, prepared)
+        full = pipe.finish(prepared, cache.get(prepared.plan.chips)[0], pyramid_opts)
         seconds += time.perf_counter() - t0
-        results = {"pyramid": full} | {str(t): replay(pipe, prepared, cached, maps, focus_opts[t]) for t in thresholds}
+        results = {"pyramid": full} | {str(t): replay(pipe, prepared, cache, focus_opts[t]) for t in thresholds}
         for k, res in results.items():
             dets[k] += _coco_dets(res, im["id"], cat_ids)
             chips[k] += res.num_chips
@@ -116,7 +144,8 @@ def sweep(
         "best_threshold": None if best is None else best["threshold"],
         "pyramid_images_per_second": round(len(items) / max(seconds, 1e-9), 3),
         "settings": cfg.model_dump(),
-        "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on its chips' outputs",
+        "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on cached chip outputs "
+        "(placed FocusChips outside the pyramid's tiling run once per image)",
     }
 
 

@@ -40,6 +40,11 @@ class NetConfig(BaseModel):
         default=(32, 64, 96, 128), description="Channels at strides 4, 8, 16, 32."
     )
     head_width: int = Field(default=32, ge=8, description="Channels of the merged stride-4 map and the head.")
+    blocks: tuple[int, int, int, int] = Field(
+        default=(0, 1, 1, 1),
+        description="Residual blocks at strides 4, 8, 16, 32 (after the stem / each downsampling conv).",
+    )
+    head_blocks: int = Field(default=0, ge=0, le=4, description="Residual blocks on the merged stride-4 map.")
     max_log_distance: float = Field(default=5.0, gt=0, description="Clamp on the log-distance regression output.")
     focus_head: bool = Field(
         default=False, description="Add the AutoFocus focus head (stride 16, 1 channel); off for older checkpoints."
@@ -68,6 +73,10 @@ class _Block(nn.Module):
         return F.relu(x + self.b(self.a(x)))
 
 
+def _blocks(c: int, n: int) -> list[nn.Module]:
+    return [_Block(c) for _ in range(n)]
+
+
 class TinyDet(nn.Module):
     """Backbone (strides 4-32) + top-down merge to stride 4 + heatmap/ltrb heads."""
 
@@ -76,14 +85,15 @@ class TinyDet(nn.Module):
         self.cfg = cfg = cfg or NetConfig()
         w4, w8, w16, w32 = cfg.widths
         h = cfg.head_width
-        self.stem = nn.Sequential(_cbr(3, 16, 2), _cbr(16, w4, 2), _cbr(w4, w4))  # stride 4
-        self.s8 = nn.Sequential(_cbr(w4, w8, 2), _Block(w8))
-        self.s16 = nn.Sequential(_cbr(w8, w16, 2), _Block(w16))
-        self.s32 = nn.Sequential(_cbr(w16, w32, 2), _Block(w32))
+        b4, b8, b16, b32 = cfg.blocks
+        self.stem = nn.Sequential(_cbr(3, 16, 2), _cbr(16, w4, 2), _cbr(w4, w4), *_blocks(w4, b4))  # stride 4
+        self.s8 = nn.Sequential(_cbr(w4, w8, 2), *_blocks(w8, b8))
+        self.s16 = nn.Sequential(_cbr(w8, w16, 2), *_blocks(w16, b16))
+        self.s32 = nn.Sequential(_cbr(w16, w32, 2), *_blocks(w32, b32))
         self.lat4, self.lat8 = nn.Conv2d(w4, h, 1), nn.Conv2d(w8, h, 1)
         self.lat16, self.lat32 = nn.Conv2d(w16, h, 1), nn.Conv2d(w32, h, 1)
         self.smooth8 = _cbr(h, h)
-        self.head = _cbr(h, h)
+        self.head = nn.Sequential(*_cbr(h, h), *_blocks(h, cfg.head_blocks))
         self.cls = nn.Conv2d(h, cfg.num_classes, 1)
         self.reg = nn.Conv2d(h, 4, 1)
         nn.init.constant_(self.cls.bias, -torch.log(torch.tensor((1 - _PRIOR) / _PRIOR)).item())
@@ -144,10 +154,24 @@ class FocusHead(nn.Module):
 
 
 def load_weights(net: TinyDet, state: dict[str, torch.Tensor]) -> list[str]:
-    """Load ``state`` into ``net``; a checkpoint without the focus head loads into a net with one (the head keeps
-    its initialisation). Returns the missing keys (only focus-head keys are tolerated; anything else raises)."""
+    """Load ``state`` into ``net``; returns the keys ``state`` did not have. Two kinds may be missing:
+
+    - the focus head's (a checkpoint without one loads into a net with one; the head keeps its initialisation);
+    - whole residual blocks ``net`` has beyond the checkpoint's depth (``NetConfig.blocks`` / ``head_blocks``
+      grown): each new block's last BatchNorm scale is zeroed, so it starts as the identity
+      (``relu(x + 0) = x`` on the post-ReLU map it follows) and the deeper net computes exactly what the
+      checkpoint did -- a function-preserving deepening, then fine-tuned.
+
+    Anything else missing or unexpected raises.
+    """
     result = net.load_state_dict(state, strict=False)
-    bad_missing = [k for k in result.missing_keys if not k.startswith(FOCUS_PREFIX)]
+    missing = set(result.missing_keys)
+    for name, block in net.named_modules():
+        keys = {f"{name}.{k}" for k in block.state_dict() if not k.endswith("num_batches_tracked")}
+        if isinstance(block, _Block) and keys <= missing:
+            nn.init.zeros_(block.b[1].weight)
+            missing -= keys
+    bad_missing = sorted(k for k in missing if not k.startswith(FOCUS_PREFIX))
     if bad_missing or result.unexpected_keys:
         raise RuntimeError(
             f"checkpoint does not match the net: missing {bad_missing}, unexpected {list(result.unexpected_keys)}"

@@ -12,7 +12,9 @@ Schedule (SNIPER):
 
 Loss: penalty-reduced focal loss on the class heatmap (CenterNet) + GIoU on ``ltrb`` at Gaussian-weighted
 cells near box centres (TTFNet), both multiplied by the ignore map (invalid ground truth = no loss).
-Augmentation: the 8 dihedral transforms of each chip, brightness/contrast jitter.
+Augmentation (:class:`AugmentConfig`): the 8 dihedral transforms of each chip, brightness/contrast jitter, and --
+for sensors the training sources do not cover -- optional per-channel gain (white balance), saturation, Gaussian
+blur, sensor noise and JPEG re-compression.
 
 Checkpoints (``<out>/last.pt``) hold model, optimiser, step, RNG states, negative chips and elapsed time; a
 rerun with the same config resumes from there. The result is ``<out>/model.pt`` (weights + configs + how it
@@ -69,6 +71,47 @@ class DataSource(BaseModel):
     )
 
 
+class AugmentConfig(BaseModel):
+    """Per-chip photometric augmentation. The defaults are the original jitter only (older configs unchanged)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    contrast: tuple[float, float] = Field(default=(0.75, 1.25), description="Gain range, normalised units.")
+    brightness: float = Field(default=0.3, ge=0, description="Shift range +-, normalised units.")
+    channel_gain: float = Field(default=0.0, ge=0, le=0.5, description="Per-channel gain +- (white balance).")
+    saturation: float = Field(default=0.0, ge=0, le=1, description="Saturation scale +- (0: off).")
+    blur_p: float = Field(default=0.0, ge=0, le=1, description="Share of chips blurred.")
+    blur_sigma: tuple[float, float] = Field(default=(0.4, 1.4), description="Gaussian blur sigma range, px.")
+    noise_p: float = Field(default=0.0, ge=0, le=1, description="Share of chips with Gaussian sensor noise.")
+    noise_sigma: tuple[float, float] = Field(default=(2.0, 10.0), description="Noise sigma range, 8-bit levels.")
+    jpeg_p: float = Field(default=0.0, ge=0, le=1, description="Share of chips re-compressed as JPEG.")
+    jpeg_quality: tuple[int, int] = Field(default=(30, 90), description="JPEG quality range.")
+
+
+def degrade(im: np.ndarray, aug: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """One chip ``uint8 [C, C, 3]`` through the optional sensor effects: colour, blur, noise, JPEG (in that order)."""
+    out = im
+    if aug.channel_gain or aug.saturation:
+        f = out.astype(np.float32)
+        if aug.saturation:
+            grey = f.mean(axis=2, keepdims=True)
+            f = grey + (f - grey) * rng.uniform(1 - aug.saturation, 1 + aug.saturation)
+        if aug.channel_gain:
+            f = f * rng.uniform(1 - aug.channel_gain, 1 + aug.channel_gain, 3).astype(np.float32)
+        out = np.clip(f, 0, 255).astype(np.uint8)
+    if aug.blur_p and rng.random() < aug.blur_p:
+        out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(*aug.blur_sigma)))
+    if aug.noise_p and rng.random() < aug.noise_p:
+        noise = rng.normal(0.0, rng.uniform(*aug.noise_sigma), out.shape).astype(np.float32)
+        out = np.clip(out.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    if aug.jpeg_p and rng.random() < aug.jpeg_p:
+        q = int(rng.integers(aug.jpeg_quality[0], aug.jpeg_quality[1] + 1))
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(out), [cv2.IMWRITE_JPEG_QUALITY, q])
+        if ok:
+            out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return out
+
+
 class TrainConfig(BaseModel):
     """One training run (``models/configs/default.yaml``, ``models/configs/real.yaml``)."""
 
@@ -111,6 +154,7 @@ class TrainConfig(BaseModel):
     )
     net: NetConfig = Field(default_factory=NetConfig, description="Architecture.")
     sampler: SamplerConfig = Field(default_factory=SamplerConfig, description="SNIPER chips and levels.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Photometric augmentation per chip.")
     stage: Literal["detector", "focus"] = Field(
         default="detector",
         description="'detector': SNIPER training; 'focus': train only the focus head on a frozen detector "
@@ -344,12 +388,15 @@ def _dihedral_boxes(reg: np.ndarray, code: int, c: int) -> np.ndarray:
     return np.stack([x1, y1, x2, y2])
 
 
-def make_batch(pool: ChipPool, idx: np.ndarray, rng: np.random.Generator, chip: int) -> dict[str, torch.Tensor]:
+def make_batch(
+    pool: ChipPool, idx: np.ndarray, rng: np.random.Generator, chip: int, aug: AugmentConfig | None = None
+) -> dict[str, torch.Tensor]:
     """Augmented batch: images, heat, weight, reg, reg_w as tensors."""
+    aug = aug or AugmentConfig()
     ims, heats, ws, regs, rws = [], [], [], [], []
     for i in idx.tolist():
         code = int(rng.integers(8))
-        im = pool.images[i]
+        im = degrade(pool.images[i], aug, rng)
         im_t = _dihedral(np.moveaxis(im, 2, 0), code)  # [3, C, C]
         ims.append(np.moveaxis(im_t, 0, 2))
         heats.append(_dihedral(pool.heat[i], code).astype(np.float32))
@@ -360,8 +407,8 @@ def make_batch(pool: ChipPool, idx: np.ndarray, rng: np.random.Generator, chip: 
     x = normalise(np.ascontiguousarray(np.stack(ims)))
     # photometric jitter per chip: contrast and brightness in normalised units
     b = x.shape[0]
-    gain = torch.from_numpy(rng.uniform(0.75, 1.25, (b, 1, 1, 1)).astype(np.float32))
-    shift = torch.from_numpy(rng.uniform(-0.3, 0.3, (b, 1, 1, 1)).astype(np.float32))
+    gain = torch.from_numpy(rng.uniform(*aug.contrast, (b, 1, 1, 1)).astype(np.float32))
+    shift = torch.from_numpy(rng.uniform(-aug.brightness, aug.brightness, (b, 1, 1, 1)).astype(np.float32))
     x = x * gain + shift
     return {
         "images": x,
@@ -494,7 +541,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             mined, sampler = True, BatchSampler(pool, weights, rng)
             _save(ckpt_path, net, opt, step, elapsed + time.perf_counter() - t_last, negatives, rng)
         idx = sampler.next(cfg.batch_size)
-        batch = make_batch(pool, idx, rng, sc.chip_size)
+        batch = make_batch(pool, idx, rng, sc.chip_size, cfg.augment)
         lr = lr_at(step, cfg, elapsed + time.perf_counter() - t_last)
         for g in opt.param_groups:
             g["lr"] = lr

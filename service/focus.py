@@ -9,11 +9,20 @@ painted from the chip's low-confidence small detections, :func:`detections_focus
 2. **threshold** it, **dilate** by ``dilate`` cells, take **connected regions** (OpenCV
    ``connectedComponentsWithStats``, 8-connected) as boxes,
 3. map them to the finer level's pixels, grow each to the **minimum size**, **merge** overlapping ones,
-4. **snap to chips**: per region and axis, the run of the finer level's *ordinary* tile positions
-   (``plan.tile_positions``) from the last tile starting at or before the region to the first ending at or
-   after it. Consecutive tiles overlap by the level's overlap, so every object inside a region that fits the
-   level's valid range lies whole in a chosen chip -- and FocusChips are a subset of the pyramid's chips, so the
-   inner-edge filter, valid ranges and per-chip outputs are exactly the pyramid's.
+4. **place chips** (``placement``):
+
+   - ``free`` (default, as AutoFocus): regions that fit in one chip together (with the padding below) are
+     packed into one; each region, padded on every side by ``pad`` px, gets one chip centred on it when it
+     fits, else its padded span tiled with the level's own overlap (``plan.tile_positions``), chips kept
+     inside the level image. An object inside a region that fits the level's valid range lies whole in a
+     chosen chip, at least ``min(pad, MIN_CONTEXT)`` px from the chip's inner edges (the inner-edge filter
+     keeps it), as in the pyramid's tiling.
+   - ``tiling``: **snap** to the finer level's *ordinary* tile positions -- per region and axis, the run from
+     the last tile starting at or before the region to the first ending at or after it. FocusChips are then a
+     subset of the pyramid's chips; a small region on a tile boundary costs two to four of them.
+
+   Both keep the inner-edge filter, valid ranges and per-chip outputs exactly as for the pyramid's chips, and
+   threshold 0 (one region: the whole level) plans exactly the pyramid's tiling.
 
 The finer level's focus map then comes from its FocusChips only, and so on down to the finest level. Threshold
 0 selects every chip (focus = pyramid); a threshold above 1 runs the coarsest level alone.
@@ -33,6 +42,7 @@ from service.adapters import ChipDetections
 from service.plan import ChipPlan, Level, tile_positions
 
 FocusSource = Literal["head", "detections"]
+Placement = Literal["free", "tiling"]
 
 
 class FocusConfig(BaseModel):
@@ -47,6 +57,16 @@ class FocusConfig(BaseModel):
     )
     stride: int = Field(default=16, ge=1, description="Focus map stride, chip px.")
     source: FocusSource = Field(default="head", description="The model's focus head, or the detection fallback.")
+    placement: Placement = Field(
+        default="free", description="Chips placed on the regions ('free'), or snapped to the level's tiling."
+    )
+    pad: int = Field(
+        default=8,
+        ge=0,
+        le=64,
+        description="Free placement: context kept around each region, finer-level px "
+        "(at least the plan's edge margin, so the inner-edge filter keeps objects at a region's border).",
+    )
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,7 @@ class FocusStep:
     """The outcome of one coarse -> fine step: the finer level's chips and how much of it is in focus."""
 
     chips: np.ndarray  # int32 [J, 3]: (finer level index, x0, y0)
-    regions: np.ndarray  # int64 [R, 4]: merged focus regions, xyxy in the finer level's px
+    regions: np.ndarray  # int64 [R, 4]: merged focus regions, xyxy in the finer level's px (before packing)
     area: float  # fraction of the finer level's image the regions cover (0..1)
 
 
@@ -128,23 +148,25 @@ def grow(regions: np.ndarray, min_size: int, width: int, height: int) -> np.ndar
     return out
 
 
-def merge_overlapping(regions: np.ndarray) -> np.ndarray:
-    """Replace overlapping regions ``[R, 4]`` (xyxy) by their bounding boxes until no two overlap."""
-    boxes = [list(map(int, r)) for r in regions.tolist()]
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
-                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
-                    del boxes[j]
-                    merged = True
-                    break
-            if merged:
-                break
-    return np.asarray(boxes, np.int64).reshape(-1, 4)
+def merge_overlapping(regions: np.ndarray, fit: int = 0) -> np.ndarray:
+    """Replace regions ``[R, 4]`` (xyxy) that overlap -- or, with ``fit`` > 0, whose bounding box is at most
+    ``fit`` on both sides -- by their bounding boxes, until no two qualify."""
+    b = regions.astype(np.int64).reshape(-1, 4).copy()
+    while len(b) > 1:
+        lo = np.minimum(b[:, None, :2], b[None, :, :2])
+        hi = np.maximum(b[:, None, 2:], b[None, :, 2:])
+        ok = (b[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < b[:, None, 2])
+        ok &= (b[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < b[:, None, 3])
+        if fit > 0:
+            ok |= ((hi - lo) <= fit).all(axis=2)
+        np.fill_diagonal(ok, False)
+        pairs = np.argwhere(np.triu(ok))
+        if not len(pairs):
+            break
+        i, j = (int(v) for v in pairs[0])
+        b[i] = np.concatenate([lo[i, j], hi[i, j]])
+        b = np.delete(b, j, axis=0)
+    return b
 
 
 def _run(starts: np.ndarray, lo: int, hi: int, chip: int) -> np.ndarray:
@@ -172,6 +194,37 @@ def snap_to_chips(regions: np.ndarray, level: Level, chip: int) -> np.ndarray:
     return out
 
 
+MIN_CONTEXT = 4  # px: a region this far inside one chip's edges takes that one chip (above the default edge margin, 2)
+
+
+def _span(lo: int, hi: int, length: int, chip: int, overlap: int, pad: int) -> list[int]:
+    """Free chip positions on one axis for ``[lo, hi)`` inside ``[0, length)``: one chip centred on a region that
+    fits with ``min(pad, MIN_CONTEXT)`` px each side, else the region padded by ``pad`` tiled with ``overlap``."""
+    if length <= chip:
+        return [0]
+    if hi - lo + 2 * min(pad, MIN_CONTEXT) <= chip:
+        return [min(max((lo + hi - chip) // 2, 0), length - chip)]
+    a, b = max(lo - pad, 0), min(hi + pad, length)
+    return [a + int(t) for t in tile_positions(b - a, chip, overlap)]  # every start <= b - chip <= length - chip
+
+
+def place_chips(regions: np.ndarray, level: Level, chip: int, pad: int) -> np.ndarray:
+    """Chips of ``level`` (``int32 [J, 3]``: level, x0, y0; sorted) placed freely on ``regions`` (px): per region
+    and axis :func:`_span`. Sorted and de-duplicated like :func:`snap_to_chips`."""
+    picked: set[tuple[int, int]] = set()
+    for x1, y1, x2, y2 in regions.tolist():
+        if x2 <= x1 or y2 <= y1:
+            continue
+        for y0 in _span(y1, y2, level.height, chip, level.overlap, pad):
+            for x0 in _span(x1, x2, level.width, chip, level.overlap, pad):
+                picked.add((y0, x0))
+    out = np.zeros((len(picked), 3), np.int32)
+    if picked:
+        yx = np.asarray(sorted(picked), np.int32)
+        out[:, 0], out[:, 1], out[:, 2] = level.index, yx[:, 1], yx[:, 0]
+    return out
+
+
 def focus_step(fmap: np.ndarray, level: Level, finer: Level, chip: int, cfg: FocusConfig) -> FocusStep:
     """FocusChips of ``finer`` from ``level``'s assembled focus map (``level_focus_map`` or the fallback's)."""
     cells = focus_regions(fmap, cfg.threshold, cfg.dilate)
@@ -185,7 +238,11 @@ def focus_step(fmap: np.ndarray, level: Level, finer: Level, chip: int, cfg: Foc
     regions = regions[(regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1])]
     regions = merge_overlapping(grow(regions, cfg.min_size, finer.width, finer.height))
     area = float(((regions[:, 2] - regions[:, 0]) * (regions[:, 3] - regions[:, 1])).sum())
-    return FocusStep(snap_to_chips(regions, finer, chip), regions, min(1.0, area / (finer.width * finer.height)))
+    area = min(1.0, area / (finer.width * finer.height))
+    if cfg.placement == "tiling":
+        return FocusStep(snap_to_chips(regions, finer, chip), regions, area)
+    packed = merge_overlapping(regions, fit=chip - 2 * cfg.pad)
+    return FocusStep(place_chips(packed, finer, chip, cfg.pad), regions, area)
 
 
 def coarsest_chips(full: ChipPlan) -> np.ndarray:

@@ -44,6 +44,10 @@ class FocusSpec(BaseModel):
     # gives each region at least one C x C chip of context.
     dilate: int = Field(default=0, ge=0, le=16, description="Dilation of the thresholded focus map, cells.")
     min_size: int = Field(default=0, ge=0, description="FocusChips regions grow to this side, finer-level px.")
+    placement: Literal["free", "tiling"] = Field(
+        default="free", description="FocusChips placed on the regions, or snapped to the level's ordinary tiling."
+    )
+    pad: int = Field(default=8, ge=0, le=64, description="Free placement: context around each region, px.")
 
 
 class ModelCard(BaseModel):

@@ -163,7 +163,13 @@ class Pipeline:
         source: FocusSource = "head" if spec.output is not None else "detections"
         threshold = spec.threshold if options.focus_threshold is None else options.focus_threshold
         return FocusConfig(
-            threshold=threshold, stride=spec.stride, source=source, dilate=spec.dilate, min_size=spec.min_size
+            threshold=threshold,
+            stride=spec.stride,
+            source=source,
+            dilate=spec.dilate,
+            min_size=spec.min_size,
+            placement=spec.placement,
+            pad=spec.pad,
         )
 
     def threshold(self, options: DetectOptions) -> float:

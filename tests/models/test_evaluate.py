@@ -60,8 +60,10 @@ def test_coco_scores_perfect_and_empty() -> None:
 def test_breakdown_per_class_and_source_with_ignore_regions() -> None:
     pytest.importorskip("pycocotools", reason="needs the train extra (pycocotools)")
     gt = {
-        "images": [{"id": 1, "source": "a", "width": 100, "height": 100}, {"id": 2, "source": "b", "width": 100,
-                   "height": 100}],
+        "images": [
+            {"id": 1, "source": "a", "width": 100, "height": 100},
+            {"id": 2, "source": "b", "width": 100, "height": 100},
+        ],
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0},
             {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0},

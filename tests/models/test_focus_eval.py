@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.evaluate import EvalConfig, mode_options
-from models.focus_eval import markdown, replay, write
+from models.focus_eval import ChipCache, markdown, replay, write
 from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD
 from service.modelcard import ModelCard
 from tests.service.test_pipeline_focus import boxes, pipeline, scene
@@ -23,8 +23,9 @@ def test_replay_equals_the_served_focus_preset(card: ModelCard, threshold: float
     pyramid = mode_options("pyramid", pipe.card.input_size, cfg)
     focus = mode_options("focus", pipe.card.input_size, cfg)
     prepared = pipe.prepare(img, pyramid)
-    dets, maps = pipe.run_chips(prepared, prepared.plan.chips, prepared.threshold)
-    replayed = replay(pipe, prepared, dets, maps, focus)
+    cache = ChipCache(pipe, prepared)
+    cache.get(prepared.plan.chips)  # the pyramid's chips first, as the sweep runs them
+    replayed = replay(pipe, prepared, cache, focus)
     served = pipe.detect(img, focus)
     assert replayed.plan.chips.tolist() == served.plan.chips.tolist()
     assert boxes(replayed) == boxes(served)

@@ -122,3 +122,49 @@ def test_ood_images_cover_every_kind() -> None:
     np.testing.assert_array_equal(chips, ood_chips(len(KINDS) * 2, 32, seed=1))  # deterministic
     with pytest.raises(ValueError, match="unknown kind"):
         ood_image("plaid", 8, 8, rng)
+
+
+def test_deeper_stage_starts_as_the_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    """Growing NetConfig.blocks from a checkpoint: new residual blocks start as the identity, then train."""
+    from models.net import TinyDet, load_weights
+
+    first = train(tiny_config(dataset, tmp_path / "a", steps=6), progress=False)
+    small, meta = load_trained(first)
+    deep_cfg = TINY_NET.model_copy(update={"blocks": (1, 2, 3, 1), "head_blocks": 1})
+    deep = TinyDet(deep_cfg)
+    missing = load_weights(deep, torch.load(first, weights_only=False)["model"])
+    assert missing and all(k.split(".")[0] in {"stem", "s8", "s16", "head"} for k in missing)
+    x = torch.randn(2, 3, 128, 128)
+    small.eval(), deep.eval()
+    with torch.no_grad():
+        for a, b in zip(small(x), deep(x), strict=True):
+            assert torch.equal(a, b)
+    # a block with only some of its weights missing is a mismatch, not a new block
+    state = {k: v for k, v in small.state_dict().items() if k != "s8.1.b.0.weight"}
+    with pytest.raises(RuntimeError, match="s8.1.b.0.weight"):
+        load_weights(TinyDet(TINY_NET), state)
+    cfg = tiny_config(dataset, tmp_path / "b", steps=4).model_copy(
+        update={"init_from": first, "mining_step": 0, "net": deep_cfg}
+    )
+    grown, meta2 = load_trained(train(cfg, progress=False))
+    assert tuple(meta2["net"]["blocks"]) == (1, 2, 3, 1) and sum(p.numel() for p in grown.parameters()) > sum(
+        p.numel() for p in small.parameters()
+    )
+
+
+def test_sensor_augmentation() -> None:
+    from models.train import AugmentConfig, degrade
+
+    im = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    state = rng.bit_generator.state
+    assert degrade(im, AugmentConfig(), rng) is im  # defaults: the original jitter only, no RNG drawn
+    assert rng.bit_generator.state == state
+    every = AugmentConfig(channel_gain=0.2, saturation=0.5, blur_p=1.0, noise_p=1.0, jpeg_p=1.0)
+    out = degrade(im, every, rng)
+    assert out.shape == im.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - im.astype(int)).mean() > 5  # blur + noise + JPEG change a noise chip a lot
+    blurred = degrade(im, AugmentConfig(blur_p=1.0), np.random.default_rng(2))
+    assert blurred.std() < im.std()
+    with pytest.raises(ValueError):
+        AugmentConfig(blur_p=1.5)

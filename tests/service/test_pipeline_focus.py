@@ -29,7 +29,7 @@ def pipeline(card: ModelCard) -> Pipeline:
 def scene() -> np.ndarray:
     """900x700 grey image with three small blobs (7-10 px) in two corners: small at every level but the finest."""
     img = np.full((700, 900, 3), 128, np.uint8)
-    img[60:68, 80:88] = (255, 0, 0)
+    img[60:70, 80:90] = (255, 0, 0)
     img[100:110, 120:128] = (0, 255, 0)
     img[600:607, 800:808] = (0, 0, 255)
     return img
@@ -48,13 +48,29 @@ def test_focus_finds_the_pyramids_objects_with_fewer_chips(card: ModelCard) -> N
     assert focus.focus is not None and full.focus is None
     assert boxes(focus) == boxes(full) and len(boxes(full)) == 3
     assert focus.num_chips * 2.5 <= full.num_chips, (focus.num_chips, full.num_chips)
-    # the focus chips are chips of the pyramid, coarse level first and whole
-    ordinary = {tuple(c) for c in full.plan.chips.tolist()}
-    assert {tuple(c) for c in focus.plan.chips.tolist()} <= ordinary
+    # the coarse level runs first and whole, with the pyramid's own tiling; finer chips lie inside their level
+    coarse = {tuple(c) for c in full.plan.chips.tolist() if c[0] == 2}
+    assert {tuple(c) for c in focus.plan.chips.tolist() if c[0] == 2} == coarse
+    for lv, x0, y0 in focus.plan.chips.tolist():
+        level = full.plan.levels[lv]
+        assert 0 <= x0 <= max(level.width - 128, 0) and 0 <= y0 <= max(level.height - 128, 0)
     assert [lv.index for lv in focus.focus] == [2, 1, 0]
     assert focus.focus[0].area == 1.0 and all(0 < lv.area < 0.5 for lv in focus.focus[1:])
     per_level = np.bincount(focus.plan.chips[:, 0], minlength=3)
     assert [lv.chips for lv in focus.focus] == [int(per_level[2]), int(per_level[1]), int(per_level[0])]
+
+
+def test_tiling_placement_runs_a_subset_of_the_pyramids_chips() -> None:
+    spec = FAKE_FOCUS_CARD.focus_spec.model_copy(update={"placement": "tiling"})
+    pipe = pipeline(FAKE_FOCUS_CARD.model_copy(update={"focus": spec}))
+    free = pipeline(FAKE_FOCUS_CARD)
+    img = scene()
+    full = pipe.detect(img, DetectOptions(preset="pyramid"))
+    snapped = pipe.detect(img, DetectOptions(preset="focus", focus_threshold=0.5))
+    placed = free.detect(img, DetectOptions(preset="focus", focus_threshold=0.5))
+    assert {tuple(c) for c in snapped.plan.chips.tolist()} <= {tuple(c) for c in full.plan.chips.tolist()}
+    assert boxes(snapped) == boxes(placed) == boxes(full)
+    assert placed.num_chips <= snapped.num_chips
 
 
 def test_threshold_zero_runs_the_whole_pyramid_and_one_only_what_is_in_focus() -> None:

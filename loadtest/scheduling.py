@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -26,20 +27,27 @@ from loadtest.images import MixImage, parse_mix, weights
 from loadtest.report import percentile
 from loadtest.schedule import offsets
 
-Row = tuple[float, float, int, int, float | None]  # intended, done, status, pick, Retry-After (s)
+Row = tuple[float, float, int, int, float | None, float | None]
+# intended, done, status, pick, Retry-After header (s), the body's precise retry_after_s
 
 
-async def _send(client: httpx.AsyncClient, image: MixImage, params: dict[str, str]) -> tuple[int, float | None]:
+async def _send(
+    client: httpx.AsyncClient, image: MixImage, params: dict[str, str]
+) -> tuple[int, float | None, float | None]:
     try:
         r = await client.post(
             "/v1/detect", content=image.data, headers={"content-type": image.media_type}, params=params
         )
     except httpx.TimeoutException:
-        return 0, None
+        return 0, None, None
     except httpx.TransportError:
-        return -1, None
+        return -1, None, None
     retry = r.headers.get("retry-after")
-    return r.status_code, float(retry) if retry is not None else None
+    precise = None
+    if r.status_code == 503:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            precise = float(r.json()["error"]["retry_after_s"])
+    return r.status_code, float(retry) if retry is not None else None, precise
 
 
 async def open_loop(
@@ -53,8 +61,8 @@ async def open_loop(
         start = time.perf_counter()
 
         async def one(intended: float, pick: int) -> None:
-            status, retry = await _send(client, mix[pick], params)
-            rows.append((intended, time.perf_counter() - start, status, pick, retry))
+            status, retry, precise = await _send(client, mix[pick], params)
+            rows.append((intended, time.perf_counter() - start, status, pick, retry, precise))
 
         await fire_at(schedule, picks, start, one)
     return rows
@@ -70,7 +78,7 @@ async def capacity(url: str, mix: list[MixImage], seconds: float, workers: int, 
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
-                status, _ = await _send(client, mix[int(rng.choice(len(mix), p=weights(mix)))], params)
+                status, _, _ = await _send(client, mix[int(rng.choice(len(mix), p=weights(mix)))], params)
                 done += status == 200
 
         t0 = time.perf_counter()
@@ -84,6 +92,20 @@ def _stats(lat: np.ndarray) -> dict[str, float | None]:
     return {k: round(percentile(lat, q) * 1000, 1) for k, q in (("p50", 50), ("p90", 90), ("p99", 99))} | {
         "max": round(float(lat.max()) * 1000, 1)
     }
+
+
+def _retry_ratios(rows: list[Row], col: int, warmup: float) -> np.ndarray:
+    """Per refusal after the warm-up: the retry hint in column ``col`` over the wait actually needed (until the
+    next admitted request of the same image was sent)."""
+    ratios = []
+    for i, r in enumerate(rows):
+        hint = r[col]
+        if r[2] != 503 or hint is None or r[0] < warmup:
+            continue
+        later = next((q[0] for q in rows[i + 1 :] if q[3] == r[3] and q[2] == 200), None)
+        if later is not None:
+            ratios.append(hint / max(later - r[0], 1e-3))
+    return np.asarray(ratios, np.float64)
 
 
 def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, Any]:
@@ -102,22 +124,15 @@ def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, 
             for k, m in enumerate(mix)
         },
     }
-    ratios = []
-    for i, (t, _, status, pick, retry) in enumerate(rows):
-        if status != 503 or retry is None or t < warmup:
-            continue
-        later = next((r[0] for r in rows[i + 1 :] if r[3] == pick and r[2] == 200), None)
-        if later is not None:
-            ratios.append(retry / max(later - t, 1e-3))
-    if ratios:
-        a = np.array(ratios)
-        out["retry_after_over_needed"] = {
-            "n": int(a.size),
-            "p10": round(percentile(a, 10), 2),
-            "p50": round(percentile(a, 50), 2),
-            "p90": round(percentile(a, 90), 2),
-            "share_within_2x": round(float(((a >= 0.5) & (a <= 2.0)).mean()), 3),
-        }
+    for key, col in (("retry_after_over_needed", 4), ("retry_after_s_over_needed", 5)):
+        if (ratios := _retry_ratios(rows, col, warmup)).size:
+            out[key] = {
+                "n": int(ratios.size),
+                "p10": round(percentile(ratios, 10), 2),
+                "p50": round(percentile(ratios, 50), 2),
+                "p90": round(percentile(ratios, 90), 2),
+                "share_within_2x": round(float(((ratios >= 0.5) & (ratios <= 2.0)).mean()), 3),
+            }
     return out
 
 

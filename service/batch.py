@@ -178,6 +178,7 @@ class Batcher:
         self._closing = False
         self._chips_per_s = 0.0  # measured drain rate (chips per wall-clock second while busy), moving average
         self._last_done = 0.0  # time.monotonic() when the last batch completed
+        self._finish_s = 0.0  # measured seconds from a request's last chip to its reply (merge), moving average
         metrics.QUEUE_CAPACITY.set(config.queue_capacity)
         metrics.QUEUE_DEPTH.set(0)
 
@@ -267,6 +268,13 @@ class Batcher:
         """Measured chips per second (0 until the first batch completes)."""
         return self._chips_per_s
 
+    def note_finish(self, seconds: float) -> None:
+        """A request took ``seconds`` from its last chip to its reply (postprocess, merge): admission by time
+        keeps that much of the bound for it (a moving average, like the drain rate)."""
+        a = self.config.drain_smoothing
+        seconds = max(seconds, 0.0)
+        self._finish_s = seconds if self._finish_s == 0 else (1 - a) * self._finish_s + a * seconds
+
     def chips_ahead(self, n: int, deadline: float, priority: Priority) -> int:
         """Chips the schedule serves before a new request of ``n`` chips completes (its own excluded).
 
@@ -306,7 +314,8 @@ class Batcher:
         now = time.monotonic()
         bound = self.config.max_queue_wait_s
         start = now if arrival is None else min(arrival, now)
-        hard = min(deadline, start + bound) if bound is not None else deadline
+        # the chips must be done early enough for the request's merge and reply (measured) to fit too
+        hard = (min(deadline, start + bound) if bound is not None else deadline) - self._finish_s
         if self.config.schedule != "edf" or self._chips_per_s <= 0:
             return hard, hard
         own = n / self._chips_per_s
@@ -326,14 +335,15 @@ class Batcher:
         if own_done <= hard and late_until <= now:
             return
         # Retry when it would fit: its own lateness has drained, and whoever it would push late is done.
-        retry = max(1, math.ceil(max(own_done - hard, late_until - now, n / rate)))
+        retry_s = max(own_done - hard, late_until - now, n / rate)
         bound = self.config.max_queue_wait_s
         what = f"the queueing bound of {bound:g} s" if by_bound else f"the request's deadline ({hard - now:.1f} s)"
         if own_done <= hard:
             what = "the deadlines of requests it would delay"
         raise QueueFull(
             f"estimated completion in {own_done - now:.1f} s ({n} chips at {rate:.0f} chips/s) would miss {what}",
-            headers={"Retry-After": str(retry)},
+            headers={"Retry-After": str(max(1, math.ceil(retry_s)))},
+            retry_after_s=retry_s,
         )
 
     def _edf_check(self, n: int, target: float, priority: Priority, now: float) -> tuple[float, float]:

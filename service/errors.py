@@ -9,10 +9,14 @@ class SnipserveError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, headers: dict[str, str] | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        # the precise retry hint (seconds, sub-second) behind a whole-second Retry-After header; in the error body
+        self.retry_after_s = retry_after_s
 
 
 class BadRequest(SnipserveError):

@@ -293,7 +293,10 @@ class Pipeline:
         if focus is None:
             metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
             chip_dets, _ = await self._submit(route, prepared, prepared.plan, prepared.threshold)
-            return await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
+            done = time.monotonic()
+            result = await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
+            batcher.note_finish(time.monotonic() - done)
+            return result
         # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
         run = FocusRun(prepared.plan, focus, prepared.threshold)
         first = True
@@ -302,7 +305,9 @@ class Pipeline:
             dets, maps = await self._submit(route, prepared, sub, run.chip_threshold(), continuation=not first)
             run.add(chips, dets, maps)
             first = first and sub.num_chips == 0
+        done = time.monotonic()
         result = await loop.run_in_executor(None, self.finish_focus, prepared, run, options)
+        batcher.note_finish(time.monotonic() - done)
         metrics.CHIPS_PER_REQUEST.observe(result.num_chips)
         metrics.observe_focus(result.focus or [])
         return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -139,7 +140,13 @@ def install_error_handlers(app: FastAPI) -> None:
             metrics.REJECTIONS.labels(reason=reason).inc()
         if exc.status >= 500 and not isinstance(exc, QueueFull | NotReady | DeadlineExceeded):
             log.error("%s: %s", exc.code, exc.message)
-        body = {"code": exc.code, "message": exc.message, "request_id": observability.request_id_var.get()}
+        body: dict[str, Any] = {
+            "code": exc.code,
+            "message": exc.message,
+            "request_id": observability.request_id_var.get(),
+        }
+        if exc.retry_after_s is not None:
+            body["retry_after_s"] = round(exc.retry_after_s, 3)
         return JSONResponse({"error": body}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

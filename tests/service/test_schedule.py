@@ -82,6 +82,8 @@ async def test_refuses_at_once_beyond_the_queueing_bound_with_retry_after_from_t
         assert wait is not None and wait > 1.0
         retry = int(info.value.headers["Retry-After"])
         assert retry == max(1, math.ceil(max(wait - 1.0, 4 / b.drain_rate))) or abs(retry - (wait - 1.0)) <= 1
+        precise = info.value.retry_after_s  # the sub-second hint behind the whole-second header
+        assert precise is not None and retry == max(1, math.ceil(precise)) and abs(precise - (wait - 1.0)) < 0.5
         assert "queueing bound" in info.value.message
         big.future.cancel()
     finally:
@@ -174,5 +176,25 @@ async def test_edf_refuses_a_request_that_would_push_an_admitted_one_late() -> N
         retry = int(info.value.headers["Retry-After"])
         assert 1 <= retry <= 3  # until the tight request is done (about 2 s)
         tight.future.cancel()
+    finally:
+        await b.stop()
+
+
+async def test_admission_keeps_the_measured_merge_time_inside_the_bound() -> None:
+    """A request whose chips would finish just inside the bound is refused once replies are measured to take
+    longer than the slack left: the bound covers the whole request, not only its chips."""
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, max_queue_wait_s=1.0, schedule="fifo")
+    await b.start()
+    try:
+        await measured(b)
+        backlog = int(b.drain_rate * 0.5)  # about half a second of work ahead
+        big = await b.submit(*work_for(backlog), threshold=0.5, how=Submission(continuation=True))
+        b.admit(4)  # fits: ~0.5 s of chips inside the 1 s bound
+        b.note_finish(0.8)  # replies are measured to take 0.8 s after the last chip
+        with pytest.raises(QueueFull, match="queueing bound") as info:
+            b.admit(4)
+        assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
+        big.future.cancel()
     finally:
         await b.stop()

@@ -238,14 +238,15 @@ class Batcher:
         n = plan.num_chips
         queued, capacity = self._lane_pending[priority], self._capacity(priority)
         if queued + n > capacity:
-            retry = max(1, math.ceil((self._pending + n) / max(self._chips_per_s, 1.0)))
+            retry_s = (self._pending + n) / max(self._chips_per_s, 1.0)
             raise QueueFull(
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
-                headers={"Retry-After": str(retry)},
+                headers={"Retry-After": str(max(1, math.ceil(retry_s)))},
+                retry_after_s=retry_s,
             )
-        target, hard = self._targets(n, deadline, how.arrival)
+        target, hard, by_bound = self._targets(n, deadline, how.arrival)
         if not how.continuation:
-            self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
+            self._admit_by_time(n, target, hard, priority, by_bound)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
             plan=plan,
@@ -306,20 +307,22 @@ class Batcher:
         self, n: int, deadline: float = math.inf, priority: Priority = "interactive", arrival: float | None = None
     ) -> None:
         """Refuse (``QueueFull``) now what ``submit`` would refuse by time -- before the caller decodes the image."""
-        target, hard = self._targets(n, deadline, arrival)
-        self._admit_by_time(n, target, hard, priority, by_bound=hard < deadline)
+        target, hard, by_bound = self._targets(n, deadline, arrival)
+        self._admit_by_time(n, target, hard, priority, by_bound)
 
-    def _targets(self, n: int, deadline: float, arrival: float | None = None) -> tuple[float, float]:
-        """(target, hard deadline) of a new request of ``n`` chips with the client's ``deadline``."""
+    def _targets(self, n: int, deadline: float, arrival: float | None = None) -> tuple[float, float, bool]:
+        """(target, hard deadline, whether the queueing bound rather than the client's deadline sets it) of a new
+        request of ``n`` chips with the client's ``deadline``."""
         now = time.monotonic()
         bound = self.config.max_queue_wait_s
         start = now if arrival is None else min(arrival, now)
+        by_bound = bound is not None and start + bound < deadline
         # the chips must be done early enough for the request's merge and reply (measured) to fit too
-        hard = (min(deadline, start + bound) if bound is not None else deadline) - self._finish_s
+        hard = (start + bound if bound is not None and by_bound else deadline) - self._finish_s
         if self.config.schedule != "edf" or self._chips_per_s <= 0:
-            return hard, hard
+            return hard, hard, by_bound
         own = n / self._chips_per_s
-        return min(hard, start + self.config.edf_stretch * own + self.config.edf_slack_s), hard
+        return min(hard, start + self.config.edf_stretch * own + self.config.edf_slack_s), hard, by_bound
 
     def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> None:
         """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""

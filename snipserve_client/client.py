@@ -112,11 +112,13 @@ class BatchItem(_Model):
 class SnipserveClientError(Exception):
     """The server refused a request (``status`` >= 400) or could not be reached (``status`` 0)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        # 503: when to try again -- the body's precise hint, else the Retry-After header (whole seconds)
+        self.retry_after_s = retry_after_s
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
@@ -182,12 +184,17 @@ def raise_for_error(response: httpx.Response) -> None:
     """Raise :class:`SnipserveClientError` with the server's code and message for a non-2xx response."""
     if response.status_code < 400:
         return
+    retry: float | None = None
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
+        if error.get("retry_after_s") is not None:
+            retry = float(error["retry_after_s"])
+    except (ValueError, KeyError, TypeError, AttributeError):
         code, message = "http_error", response.text[:500] or response.reason_phrase
-    raise SnipserveClientError(response.status_code, code, message)
+    if retry is None and response.headers.get("retry-after", "").isdigit():
+        retry = float(response.headers["retry-after"])
+    raise SnipserveClientError(response.status_code, code, message, retry)
 
 
 def _ws_url(base_url: str, params: Mapping[str, str]) -> str:

@@ -122,3 +122,22 @@ def test_service_client_is_the_same_client() -> None:
 
     assert service.client.Client is snipserve_client.Client
     assert service.client.AsyncClient is snipserve_client.AsyncClient
+
+
+def test_queue_full_carries_the_retry_hint() -> None:
+    import httpx
+
+    from snipserve_client.client import raise_for_error
+
+    body = {"error": {"code": "queue_full", "message": "busy", "retry_after_s": 0.234}}
+    with pytest.raises(SnipserveClientError) as precise:
+        raise_for_error(httpx.Response(503, json=body, headers={"Retry-After": "1"}))
+    assert (precise.value.code, precise.value.retry_after_s) == ("queue_full", 0.234)
+    with pytest.raises(SnipserveClientError) as header_only:
+        raise_for_error(
+            httpx.Response(503, json={"error": {"code": "not_ready", "message": "x"}}, headers={"Retry-After": "2"})
+        )
+    assert header_only.value.retry_after_s == 2.0
+    with pytest.raises(SnipserveClientError) as none:
+        raise_for_error(httpx.Response(400, text="plain"))
+    assert none.value.retry_after_s is None and none.value.code == "http_error"

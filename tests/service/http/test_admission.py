@@ -114,6 +114,7 @@ def test_queue_full_is_503_with_retry_after(client_for: Callable[..., TestClient
     assert int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "queue_full"
     assert "capacity 1" in r.json()["error"]["message"]
+    assert 0 < r.json()["error"]["retry_after_s"] <= int(r.headers["retry-after"])
     assert client.get("/readyz").status_code == 200
 
 

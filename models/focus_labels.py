@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,8 +32,15 @@ class FocusLabelConfig(BaseModel):
         default=2.0, ge=0, description="Objects smaller than this (sqrt area, this level's px) are ignored."
     )
     ignore_factor: float = Field(
-        default=1.4, ge=1.0, description="Objects up to this factor above the finer level's hi are ignored."
+        default=1.4, ge=1.0, description="Objects up to this factor above the positive bound are ignored."
     )
+    small: Literal["finer_range", "below_own"] = Field(
+        default="finer_range",
+        description="'finer_range': positive up to the finer level's valid hi (every object the finer level "
+        "may detect); 'below_own': positive up to small_factor x this level's own valid lo (only objects this "
+        "level sees too small to be sure of -- the ones the finer level is needed for).",
+    )
+    small_factor: float = Field(default=1.5, gt=0, description="'below_own': the bound as a multiple of lo.")
 
 
 def focus_labels(
@@ -58,7 +66,7 @@ def focus_labels(
     if index == 0:
         out[:] = -1
         return out
-    hi = levels[index - 1].hi
+    hi = levels[index - 1].hi if cfg.small == "finer_range" else min(cfg.small_factor * lv.lo, levels[index - 1].hi)
     # padding: cells whose top-left corner lies beyond the level image carry no pixels
     cw, ch = lv.width - x0, lv.height - y0
     cells = np.arange(n) * cfg.stride

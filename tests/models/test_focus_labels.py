@@ -50,3 +50,21 @@ def test_ignore_regions_and_positives_win_shared_cells() -> None:
 def test_finest_level_is_all_ignored() -> None:
     boxes = np.array([box(96, 96, 40)], np.float32)
     assert (focus_labels(LEVELS, 0, 0, 0, boxes, CHIP, FocusLabelConfig()) == -1).all()
+
+
+def test_below_own_marks_only_what_this_level_sees_too_small() -> None:
+    # coarse level 0.25: valid lo = 8 / 0.25 = 32 px original; with small_factor 1.5 positives go up to 48 px
+    cfg = FocusLabelConfig(small="below_own", small_factor=1.5)
+    assert LEVELS[1].lo == 32.0
+    boxes = np.array(
+        [
+            box(96, 96, 40),  # 40 <= 48: positive (as with finer_range)
+            box(480, 96, 60),  # 48 < 60 <= 1.4 * 48: ignore band (positive under finer_range: 60 <= 64)
+            box(96, 480, 70),  # > 67.2: negative -- this level detects it (positive's neighbour band under finer_range)
+        ],
+        np.float32,
+    )
+    lab = focus_labels(LEVELS, 1, 0, 0, boxes, CHIP, cfg)
+    assert (lab[1, 1] == 1) and (lab[1, 7] == -1) and (lab[7, 1] == 0)
+    wide = focus_labels(LEVELS, 1, 0, 0, boxes, CHIP, FocusLabelConfig())
+    assert (wide[1, 1] == 1) and (wide[1, 7] == 1) and (wide[7, 1] == -1)

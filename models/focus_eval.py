@@ -136,7 +136,7 @@ def sweep(
     return {
         "data": str(data_dir),
         "model": str(model_path) if model_path is not None else "default",
-        "focus_source": "head" if pipe.card.focus is not None and pipe.card.focus.output else "detections",
+        "focus_source": _source(pipe.card),
         "images": len(items),
         "pyramid": rows[0],
         "focus": focus_rows,
@@ -147,6 +147,12 @@ def sweep(
         "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on cached chip outputs "
         "(placed FocusChips outside the pyramid's tiling run once per image)",
     }
+
+
+def _source(card: Any) -> str:
+    if card.focus is None or card.focus.output is None:
+        return "detections"
+    return "head and detections" if card.focus.with_detections else "head"
 
 
 def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:

@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.adapters import ChipDetections
 from service.plan import ChipPlan, Level, tile_positions
 
-FocusSource = Literal["head", "detections"]
+FocusSource = Literal["head", "detections", "both"]
 Placement = Literal["free", "tiling"]
 
 
@@ -56,7 +56,9 @@ class FocusConfig(BaseModel):
         default=0, ge=0, description="Regions are grown to at least this side in the finer level's px (0: one chip)."
     )
     stride: int = Field(default=16, ge=1, description="Focus map stride, chip px.")
-    source: FocusSource = Field(default="head", description="The model's focus head, or the detection fallback.")
+    source: FocusSource = Field(
+        default="head", description="The model's focus head, the detection fallback, or both (their max)."
+    )
     placement: Placement = Field(
         default="free", description="Chips placed on the regions ('free'), or snapped to the level's tiling."
     )
@@ -289,7 +291,7 @@ class FocusRun:
 
     def chip_threshold(self) -> float:
         """Score threshold of the next level's chips: the fallback needs the coarse levels' weak detections."""
-        if self.cfg.source == "detections" and self._level > 0:
+        if self.cfg.source != "head" and self._level > 0:
             return min(self.threshold, self.cfg.threshold)
         return self.threshold
 
@@ -310,14 +312,16 @@ class FocusRun:
             return
         finer = self.full.levels[self._level - 1]
         c, stride = self.full.chip_size, self.cfg.stride
-        if self.cfg.source == "head":
+        fmap = np.zeros((math.ceil(lv.height / stride), math.ceil(lv.width / stride)), np.float32)
+        if self.cfg.source != "detections":
             if maps is None and chips.shape[0]:
-                raise ValueError("focus source 'head' needs the chips' focus maps")
+                raise ValueError(f"focus source {self.cfg.source!r} needs the chips' focus maps")
             maps = maps if maps is not None else np.zeros((0, 1, 1), np.float32)
             fmap = level_focus_map(maps, chips[:, 1:3], lv, c, stride)
-        else:
+        if self.cfg.source != "head":  # the coarse level's weak small detections, alone or with the head's map
             off = chips[dets.chip, 1:3].astype(np.float32)
-            fmap = detections_focus_map(dets.boxes + np.concatenate([off, off], axis=1), dets.scores, lv, finer, stride)
+            boxes = dets.boxes + np.concatenate([off, off], axis=1)
+            fmap = np.maximum(fmap, detections_focus_map(boxes, dets.scores, lv, finer, stride))
         step = focus_step(fmap, lv, finer, c, self.cfg)
         self._level -= 1
         self._pending, self._area, self._regions = step.chips, step.area, int(step.regions.shape[0])

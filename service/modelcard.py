@@ -48,6 +48,9 @@ class FocusSpec(BaseModel):
         default="free", description="FocusChips placed on the regions, or snapped to the level's ordinary tiling."
     )
     pad: int = Field(default=8, ge=0, le=64, description="Free placement: context around each region, px.")
+    with_detections: bool = Field(
+        default=False, description="Models with a head: add the detection fallback's map to the head's (max)."
+    )
 
 
 class ModelCard(BaseModel):

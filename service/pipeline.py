@@ -160,7 +160,7 @@ class Pipeline:
                 )
             return None
         spec = self.card.focus_spec
-        source: FocusSource = "head" if spec.output is not None else "detections"
+        source: FocusSource = "detections" if spec.output is None else ("both" if spec.with_detections else "head")
         threshold = spec.threshold if options.focus_threshold is None else options.focus_threshold
         return FocusConfig(
             threshold=threshold,

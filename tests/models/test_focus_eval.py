@@ -14,7 +14,12 @@ from service.modelcard import ModelCard
 from tests.service.test_pipeline_focus import boxes, pipeline, scene
 
 
-@pytest.mark.parametrize("card", [FAKE_FOCUS_CARD, FAKE_CARD], ids=["head", "fallback"])
+BOTH_CARD = FAKE_FOCUS_CARD.model_copy(
+    update={"focus": FAKE_FOCUS_CARD.focus_spec.model_copy(update={"with_detections": True})}
+)
+
+
+@pytest.mark.parametrize("card", [FAKE_FOCUS_CARD, FAKE_CARD, BOTH_CARD], ids=["head", "fallback", "both"])
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
 def test_replay_equals_the_served_focus_preset(card: ModelCard, threshold: float) -> None:
     pipe = pipeline(card)

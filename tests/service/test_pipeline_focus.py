@@ -73,6 +73,23 @@ def test_tiling_placement_runs_a_subset_of_the_pyramids_chips() -> None:
     assert placed.num_chips <= snapped.num_chips
 
 
+def test_head_with_detections_takes_the_max_of_both_maps() -> None:
+    """A focus head that misses a blob (all-zero maps) still finds it through the coarse level's detections."""
+
+    class BlindHead(FakeEngine):
+        def _focus(self, batch: np.ndarray) -> np.ndarray:
+            return np.zeros_like(super()._focus(batch))
+
+    def run(with_detections: bool) -> Result:
+        spec = FAKE_FOCUS_CARD.focus_spec.model_copy(update={"with_detections": with_detections})
+        card = FAKE_FOCUS_CARD.model_copy(update={"focus": spec, "default_levels": LEVELS})
+        return Pipeline(BlindHead(card=card, max_batch=8)).detect(scene(), DetectOptions(preset="focus"))
+
+    blind, both = run(False), run(True)
+    assert [lv.chips for lv in blind.focus or []][1:] == [0, 0]  # the head alone sees nothing
+    assert len(boxes(both)) > len(boxes(blind)) and both.num_chips > blind.num_chips
+
+
 def test_threshold_zero_runs_the_whole_pyramid_and_one_only_what_is_in_focus() -> None:
     pipe = pipeline(FAKE_FOCUS_CARD)
     img = scene()

@@ -224,11 +224,12 @@ async def _service_run(
 
 
 def service_method(
-    pipeline: Pipeline, images: list[np.ndarray], options: DetectOptions, args: argparse.Namespace
+    pipeline: Pipeline, images: list[np.ndarray], options: DetectOptions, args: argparse.Namespace, label: str
 ) -> Method:
-    """The default pyramid through the dynamic batcher, ``--in-flight`` images at a time (one timed phase)."""
+    """``options`` (the default pyramid, or focus) through the dynamic batcher, ``--in-flight`` images at a time
+    (one timed phase): requests' chips share engine batches, as in the service."""
     wall, boxes, chips = asyncio.run(_service_run(pipeline, images, options, args.in_flight, args.batch))
-    m = Method(f"snipserve-default-service{args.in_flight}", lambda image: boxes[0], chips=chips)
+    m = Method(f"snipserve-{label}-service{args.in_flight}", lambda image: boxes[0], chips=chips)
     m.seconds = [wall / len(images)] * len(images)
     m.boxes = boxes  # type: ignore[attr-defined]
     return m
@@ -327,6 +328,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--focus-threshold", type=float, action="append", default=[],
         help="one more focus row (snipserve-focus-t<T>) at this focus threshold; repeat for several",
     )  # fmt: skip
+    p.add_argument(
+        "--service-focus-threshold", type=float, action="append", default=[],
+        help="with --in-flight: also run focus at this threshold through the batcher; repeat for several",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="write the results here")
     return p.parse_args(argv)
 
@@ -380,12 +385,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.in_flight > 0:
         decoded = [cv2.cvtColor(cv2.imread(str(args.data / i["file_name"])), cv2.COLOR_BGR2RGB) for i in images]
-        m = service_method(pipeline, decoded, default_opts, args)
-        for info, boxes in zip(images, m.boxes, strict=True):  # type: ignore[attr-defined]
-            m.results += coco_results(info["id"], boxes, class_to_category)
-        methods.append(m)
+        phases = [("default", default_opts)] + [
+            (
+                f"focus-t{t:g}",
+                DetectOptions(preset="focus", focus_threshold=t, score_threshold=threshold, max_detections=1000),
+            )
+            for t in args.service_focus_threshold
+        ]
+        for label, opts in phases:
+            m = service_method(pipeline, decoded, opts, args, label)
+            for info, boxes in zip(images, m.boxes, strict=True):  # type: ignore[attr-defined]
+                m.results += coco_results(info["id"], boxes, class_to_category)
+            methods.append(m)
+            print(f"{m.name}: {len(images) / sum(m.seconds):.2f} images/s", flush=True)
         del decoded
-        print(f"{m.name}: {len(images) / sum(m.seconds):.2f} images/s", flush=True)
 
     image_ids = [i["id"] for i in images]
     report: dict[str, Any] = {

@@ -13,7 +13,6 @@ from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD
 from service.modelcard import ModelCard
 from tests.service.test_pipeline_focus import boxes, pipeline, scene
 
-
 BOTH_CARD = FAKE_FOCUS_CARD.model_copy(
     update={"focus": FAKE_FOCUS_CARD.focus_spec.model_copy(update={"with_detections": True})}
 )

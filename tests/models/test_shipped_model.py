@@ -28,7 +28,8 @@ def test_shipped_model_is_small_and_carded() -> None:
     assert card.input_size == 256 and card.sweet_spot[0] < card.sweet_spot[1]
     assert len(card.default_levels) >= 2 and "fast" in card.presets
     assert card.training["train_seconds"] > 0 and card.training["seed"] is not None
-    assert "modes" in card.evaluation and "pyramid" in card.evaluation["modes"]
+    assert "pyramid" in card.evaluation["real_val"] and "pyramid" in card.evaluation["synthetic_val"]
+    assert card.focus is not None and card.focus.output == "focus" and card.focus.placement == "free"
 
 
 @pytest.mark.slow

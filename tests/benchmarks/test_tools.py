@@ -1,0 +1,71 @@
+"""The measurement tools added for the real-imagery model: sensor shift, architecture comparison, card evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import arch_compare  # noqa: E402
+import card_evaluation  # noqa: E402
+import sensor_shift  # noqa: E402
+
+MODEL = REPO / "models" / "snipserve_default.onnx"
+
+
+def test_sensor_shift_changes_pixels_not_labels(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "images" / "a").mkdir(parents=True)
+    img = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    cv2.imwrite(str(src / "images" / "a" / "x.jpg"), img)
+    coco = {"images": [{"id": 1, "file_name": "images/a/x.jpg", "width": 80, "height": 64}], "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 12], "area": 120, "iscrowd": 0}
+    ], "categories": [{"id": 1, "name": "vehicle"}]}  # fmt: skip
+    (src / "annotations.json").write_text(json.dumps(coco))
+    out = tmp_path / "out"
+    assert sensor_shift.main(["--data", str(src), "--out", str(out), "--seed", "3"]) == 0
+    shifted = json.loads((out / "annotations.json").read_text())
+    assert shifted["annotations"] == coco["annotations"]
+    name = shifted["images"][0]["file_name"]
+    assert name == "images/a/x.png"
+    got = cv2.imread(str(out / name))
+    assert (
+        got.shape == img.shape
+        and np.abs(got.astype(int) - cv2.imread(str(src / "images/a/x.jpg")).astype(int)).mean() > 3
+    )
+    again = tmp_path / "again"
+    sensor_shift.main(["--data", str(src), "--out", str(again), "--seed", "3"])
+    assert np.array_equal(cv2.imread(str(again / name)), got)  # seeded
+
+
+def test_arch_compare_measures_each_model_and_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "a.json"
+    assert arch_compare.main(["--model", str(MODEL), "--model", str(MODEL), "--seconds", "1", "--batch", "2",
+                              "--threads", "1", "--json", str(out)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["models"]
+    assert len(rows) == 2 and rows[0]["speed_vs_first"] == 1.0 and all(r["chips_per_s"] > 0 for r in rows)
+
+
+def test_card_evaluation_replaces_only_the_evaluation(tmp_path: Path) -> None:
+    card = tmp_path / "card.yaml"
+    card.write_text("# kept comment\nscore_threshold: 0.5\nevaluation:\n  old: 1\n")
+    mode = {"AP": 0.3, "AP50": 0.6, "chips_per_image": 5.0, "per_class": {"boat": {"AP50": 0.4}},
+            "per_source": {"maritime": {"AP50": 0.2}}}  # fmt: skip
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"modes": {"pyramid": mode}, "images": 3}))
+    args = ["--card", str(card), "--real-val", str(res), "--real-test", str(res), "--synth-val", str(res)]
+    assert card_evaluation.main(args) == 0
+    text = card.read_text()
+    assert text.startswith("# kept comment\nscore_threshold: 0.5\nevaluation:\n") and "  old: 1" not in text
+    import yaml
+
+    ev = yaml.safe_load(text)["evaluation"]
+    assert ev["real_val"]["pyramid"]["per_class_AP50"] == {"boat": 0.4}
+    assert "per_source_AP50" not in ev["synthetic_val"]["pyramid"]

@@ -184,14 +184,16 @@ class StreamSession:
         return meta, None
 
     def _admit(self, meta: Any, data: bytes, meta_error: SnipserveError | None) -> None:
+        after: asyncio.Task[dict[str, Any]] | None = None
         if self.params.policy == "drop_oldest":
             live = [f for f in self.pending if not f.dropped]
             if len(live) >= self.params.window:
                 oldest = live[0]
                 oldest.dropped = True
                 oldest.task.cancel()  # cancels the awaited batcher future: its queued chips are dropped
+                after = oldest.task  # the new frame starts once the dropped one has let go of its slot
                 self.dropped += 1
-        task = asyncio.create_task(self._detect(data, meta_error), name=f"snipserve-stream-frame-{self.seq}")
+        task = asyncio.create_task(self._detect(data, meta_error, after), name=f"snipserve-stream-frame-{self.seq}")
         n = len(data)
         task.add_done_callback(lambda _: self._release_bytes(n))  # done, failed, dropped or cancelled
         self.pending.append(Frame(self.seq, meta, task))
@@ -201,7 +203,12 @@ class StreamSession:
     def _release_bytes(self, n: int) -> None:
         self.state.frame_bytes -= n
 
-    async def _detect(self, data: bytes, meta_error: SnipserveError | None) -> dict[str, Any]:
+    async def _detect(
+        self, data: bytes, meta_error: SnipserveError | None, after: asyncio.Task[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        if after is not None:
+            # a cancelled task leaves on its next step; waiting for it keeps at most `window` frames in flight
+            await asyncio.wait({after})
         if meta_error is not None:
             raise meta_error
         return await detect_one(self.state, data, self.options, self.params.timeout)

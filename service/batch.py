@@ -337,6 +337,11 @@ class Batcher:
         metrics.QUEUE_ESTIMATED_WAIT.set(own_done - now)
         if own_done <= hard and late_until <= now:
             return
+        if not by_bound and now + n / rate > hard:  # not even an empty queue would do: retrying cannot help
+            raise DeadlineExceeded(
+                f"the request's deadline ({hard - now + self._finish_s:.3f} s) is shorter than its own {n} chips "
+                f"take at {rate:.0f} chips/s plus its merge ({self._finish_s * 1000:.0f} ms)"
+            )
         # Retry when it would fit: its own lateness has drained, and whoever it would push late is done.
         retry_s = max(own_done - hard, late_until - now, n / rate)
         bound = self.config.max_queue_wait_s

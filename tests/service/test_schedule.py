@@ -198,3 +198,21 @@ async def test_admission_keeps_the_measured_merge_time_inside_the_bound() -> Non
         big.future.cancel()
     finally:
         await b.stop()
+
+
+async def test_a_deadline_too_short_even_for_an_empty_queue_is_504_not_503() -> None:
+    """Retrying cannot help a request whose own chips take longer than its deadline: deadline_exceeded, not
+    queue_full (whose Retry-After would invite the same refusal again)."""
+    from service.errors import DeadlineExceeded
+
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="edf")
+    await b.start()
+    try:
+        await measured(b)
+        n = int(b.drain_rate * 1.0)  # about a second of chips, with nothing queued
+        with pytest.raises(DeadlineExceeded, match="shorter than its own"):
+            b.admit(n, deadline=time.monotonic() + 0.05)
+        b.admit(n, deadline=time.monotonic() + 30)  # a deadline it can meet: admitted
+    finally:
+        await b.stop()

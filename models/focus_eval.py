@@ -57,12 +57,7 @@ class ChipCache:
             start = len(self.rows)
             self.rows.update({k: start + i for i, k in enumerate(new)})
             shifted = ChipDetections(dets.chip + start, dets.boxes, dets.scores, dets.classes)
-            self.dets = ChipDetections(
-                *(
-                    np.concatenate(x)
-                    for x in zip(*((d.chip, d.boxes, d.scores, d.classes) for d in (self.dets, shifted)), strict=True)
-                )
-            )
+            self.dets = ChipDetections.concat([self.dets, shifted])
             if maps is not None:
                 self.maps = maps if self.maps is None else np.concatenate([self.maps, maps])
         rows = np.asarray([self.rows[k] for k in keys], np.int64)
@@ -136,7 +131,7 @@ def sweep(
     return {
         "data": str(data_dir),
         "model": str(model_path) if model_path is not None else "default",
-        "focus_source": _source(pipe.card),
+        "focus_source": {"both": "head and detections"}.get(pipe.card.focus_spec.source, pipe.card.focus_spec.source),
         "images": len(items),
         "pyramid": rows[0],
         "focus": focus_rows,
@@ -147,12 +142,6 @@ def sweep(
         "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on cached chip outputs "
         "(placed FocusChips outside the pyramid's tiling run once per image)",
     }
-
-
-def _source(card: Any) -> str:
-    if card.focus is None or card.focus.output is None:
-        return "detections"
-    return "head and detections" if card.focus.with_detections else "head"
 
 
 def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:

@@ -167,8 +167,10 @@ def load_weights(net: TinyDet, state: dict[str, torch.Tensor]) -> list[str]:
     result = net.load_state_dict(state, strict=False)
     missing = set(result.missing_keys)
     for name, block in net.named_modules():
+        if not isinstance(block, _Block):
+            continue
         keys = {f"{name}.{k}" for k in block.state_dict() if not k.endswith("num_batches_tracked")}
-        if isinstance(block, _Block) and keys <= missing:
+        if keys <= missing:
             nn.init.zeros_(block.b[1].weight)
             missing -= keys
     bad_missing = sorted(k for k in missing if not k.startswith(FOCUS_PREFIX))

@@ -44,6 +44,15 @@ class ChipDetections:
     def __len__(self) -> int:
         return int(self.chip.shape[0])
 
+    @classmethod
+    def concat(cls, parts: Sequence[ChipDetections]) -> ChipDetections:
+        """``parts`` one after the other (chip ids unchanged); :meth:`empty` for none."""
+        if not parts:
+            return cls.empty()
+        return cls(
+            *(np.concatenate(x) for x in zip(*((p.chip, p.boxes, p.scores, p.classes) for p in parts), strict=True))
+        )
+
     def select(self, mask_or_index: np.ndarray) -> ChipDetections:
         return ChipDetections(
             self.chip[mask_or_index], self.boxes[mask_or_index], self.scores[mask_or_index], self.classes[mask_or_index]

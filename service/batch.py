@@ -272,9 +272,12 @@ class Batcher:
     def note_finish(self, seconds: float) -> None:
         """A request took ``seconds`` from its last chip to its reply (postprocess, merge): admission by time
         keeps that much of the bound for it (a moving average, like the drain rate)."""
+        self._finish_s = self._smoothed(self._finish_s, max(seconds, 0.0))
+
+    def _smoothed(self, average: float, sample: float) -> float:
+        """The moving average (``drain_smoothing``) of the drain rate and the merge time; the first sample as is."""
         a = self.config.drain_smoothing
-        seconds = max(seconds, 0.0)
-        self._finish_s = seconds if self._finish_s == 0 else (1 - a) * self._finish_s + a * seconds
+        return sample if average == 0 else (1 - a) * average + a * sample
 
     def chips_ahead(self, n: int, deadline: float, priority: Priority) -> int:
         """Chips the schedule serves before a new request of ``n`` chips completes (its own excluded).
@@ -514,8 +517,7 @@ class Batcher:
         now = time.monotonic()
         rate = rows / max(now - max(self._last_done, started), 1e-6)
         self._last_done = now
-        a = self.config.drain_smoothing
-        self._chips_per_s = rate if self._chips_per_s == 0 else (1 - a) * self._chips_per_s + a * rate
+        self._chips_per_s = self._smoothed(self._chips_per_s, rate)
         metrics.QUEUE_DRAIN_RATE.set(self._chips_per_s)
 
     def _distribute(

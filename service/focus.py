@@ -31,6 +31,7 @@ The finer level's focus map then comes from its FocusChips only, and so on down 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -178,22 +179,27 @@ def _run(starts: np.ndarray, lo: int, hi: int, chip: int) -> np.ndarray:
     return starts[first : min(last, starts.size - 1) + 1]
 
 
-def snap_to_chips(regions: np.ndarray, level: Level, chip: int) -> np.ndarray:
-    """The ordinary chips of ``level`` (``int32 [J, 3]``: level, x0, y0; sorted) that cover ``regions`` (px)."""
-    xs = tile_positions(level.width, chip, level.overlap)
-    ys = tile_positions(level.height, chip, level.overlap)
+def _cover(regions: np.ndarray, level: Level, starts: Callable[[int, int, int], Sequence[int]]) -> np.ndarray:
+    """Chips of ``level`` (``int32 [J, 3]``: level, x0, y0; sorted by y0, x0; de-duplicated) covering ``regions``
+    (px): per region, the product of ``starts(lo, hi, axis)`` over x (axis 0) and y (axis 1)."""
     picked: set[tuple[int, int]] = set()
     for x1, y1, x2, y2 in regions.tolist():
         if x2 <= x1 or y2 <= y1:
             continue
-        for y0 in _run(ys, y1, y2, chip).tolist():
-            for x0 in _run(xs, x1, x2, chip).tolist():
-                picked.add((y0, x0))
+        for y0 in starts(y1, y2, 1):
+            for x0 in starts(x1, x2, 0):
+                picked.add((int(y0), int(x0)))
     out = np.zeros((len(picked), 3), np.int32)
     if picked:
         yx = np.asarray(sorted(picked), np.int32)
         out[:, 0], out[:, 1], out[:, 2] = level.index, yx[:, 1], yx[:, 0]
     return out
+
+
+def snap_to_chips(regions: np.ndarray, level: Level, chip: int) -> np.ndarray:
+    """The ordinary chips of ``level`` (``int32 [J, 3]``: level, x0, y0; sorted) that cover ``regions`` (px)."""
+    axes = (tile_positions(level.width, chip, level.overlap), tile_positions(level.height, chip, level.overlap))
+    return _cover(regions, level, lambda lo, hi, axis: _run(axes[axis], lo, hi, chip).tolist())
 
 
 MIN_CONTEXT = 4  # px: a region this far inside one chip's edges takes that one chip (above the default edge margin, 2)
@@ -213,18 +219,8 @@ def _span(lo: int, hi: int, length: int, chip: int, overlap: int, pad: int) -> l
 def place_chips(regions: np.ndarray, level: Level, chip: int, pad: int) -> np.ndarray:
     """Chips of ``level`` (``int32 [J, 3]``: level, x0, y0; sorted) placed freely on ``regions`` (px): per region
     and axis :func:`_span`. Sorted and de-duplicated like :func:`snap_to_chips`."""
-    picked: set[tuple[int, int]] = set()
-    for x1, y1, x2, y2 in regions.tolist():
-        if x2 <= x1 or y2 <= y1:
-            continue
-        for y0 in _span(y1, y2, level.height, chip, level.overlap, pad):
-            for x0 in _span(x1, x2, level.width, chip, level.overlap, pad):
-                picked.add((y0, x0))
-    out = np.zeros((len(picked), 3), np.int32)
-    if picked:
-        yx = np.asarray(sorted(picked), np.int32)
-        out[:, 0], out[:, 1], out[:, 2] = level.index, yx[:, 1], yx[:, 0]
-    return out
+    lengths = (level.width, level.height)
+    return _cover(regions, level, lambda lo, hi, axis: _span(lo, hi, lengths[axis], chip, level.overlap, pad))
 
 
 def focus_step(fmap: np.ndarray, level: Level, finer: Level, chip: int, cfg: FocusConfig) -> FocusStep:
@@ -331,11 +327,4 @@ class FocusRun:
         return with_chips(self.full, chips)
 
     def detections(self) -> ChipDetections:
-        if not self._dets:
-            return ChipDetections.empty()
-        return ChipDetections(
-            *(
-                np.concatenate(x)
-                for x in zip(*((d.chip, d.boxes, d.scores, d.classes) for d in self._dets), strict=True)
-            )
-        )
+        return ChipDetections.concat(self._dets)

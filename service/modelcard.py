@@ -52,6 +52,13 @@ class FocusSpec(BaseModel):
         default=False, description="Models with a head: add the detection fallback's map to the head's (max)."
     )
 
+    @property
+    def source(self) -> Literal["head", "detections", "both"]:
+        """Where the focus map comes from: the head, the detection fallback (no head), or both."""
+        if self.output is None:
+            return "detections"
+        return "both" if self.with_detections else "head"
+
 
 class ModelCard(BaseModel):
     """Metadata of one detector. Boxes are produced in chip pixels by the output adapter."""

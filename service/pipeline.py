@@ -23,7 +23,7 @@ from service.batch import Batcher, Priority, Submission
 from service.crop import Normalizer
 from service.engines import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
-from service.focus import FocusConfig, FocusRun, FocusSource, LevelFocus
+from service.focus import FocusConfig, FocusRun, LevelFocus
 from service.modelcard import ModelCard
 from service.options import DetectOptions
 from service.plan import ChipPlan, LevelSpec, PlanConfig, PlanError, levels_for_object_range, plan
@@ -160,12 +160,11 @@ class Pipeline:
                 )
             return None
         spec = self.card.focus_spec
-        source: FocusSource = "detections" if spec.output is None else ("both" if spec.with_detections else "head")
         threshold = spec.threshold if options.focus_threshold is None else options.focus_threshold
         return FocusConfig(
             threshold=threshold,
             stride=spec.stride,
-            source=source,
+            source=spec.source,
             dilate=spec.dilate,
             min_size=spec.min_size,
             placement=spec.placement,
@@ -238,10 +237,7 @@ class Pipeline:
             crop_s, infer_s = crop_s + t1 - t0, infer_s + t2 - t1
         prepared.timings["crop"] += crop_s
         prepared.timings["infer"] = prepared.timings.get("infer", 0.0) + infer_s
-        dets = ChipDetections(
-            *(np.concatenate(x) for x in zip(*((p.chip, p.boxes, p.scores, p.classes) for p in parts), strict=True))
-        )
-        return dets, np.concatenate(maps) if maps else None
+        return ChipDetections.concat(parts), np.concatenate(maps) if maps else None
 
     def finish(self, prepared: Prepared, chip_dets: ChipDetections, options: DetectOptions) -> Result:
         """Postprocess and merge one image's chip detections."""

@@ -79,16 +79,10 @@ def soft_nms(
         return np.empty(0, np.int64), np.empty(0, np.float32)
     b = boxes[idx].astype(np.float64)  # [M, 4]
     s = scores[idx].astype(np.float64)  # [M]
-    if idx.size <= _SPARSE_MIN:
-        keep, kept = _soft_nms_dense(b, s, method, sigma, iou_threshold, score_threshold)
-    else:
-        keep, kept = _soft_nms_sparse(b, s, method, sigma, iou_threshold, score_threshold)
+    keep, kept = _soft_nms_sparse(b, s, method, sigma, iou_threshold, score_threshold)
     return idx[keep], kept.astype(np.float32)
 
 
-# Below this many candidates the plain vectorised loop beats building the overlap graph
-# (benchmarks/bench_soft_nms.py).
-_SPARSE_MIN = 256
 _PAIR_CHUNK = 4_000_000  # candidate pairs examined per step while building the overlap graph
 
 
@@ -124,52 +118,76 @@ def overlap_pairs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([src, dst]), np.concatenate([dst, src])
 
 
+def pair_iou(b: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """IoU of the box pairs ``(src[e], dst[e])`` of ``b`` ``[M, 4]`` -> ``float64 [E]``: elementwise the same
+    operations as :func:`box_iou_one`, so the same values bit for bit (the formula is symmetric in the pair)."""
+    p, q = b[src], b[dst]
+    iw = np.minimum(p[:, 2], q[:, 2]) - np.maximum(p[:, 0], q[:, 0])
+    ih = np.minimum(p[:, 3], q[:, 3]) - np.maximum(p[:, 1], q[:, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area[src] + area[dst] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
 def _soft_nms_sparse(
     b: np.ndarray, s: np.ndarray, method: Method, sigma: float, iou_threshold: float, score_threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same selections as :func:`_soft_nms_dense`, touching only overlapping boxes.
 
     A box that does not overlap the selected one is multiplied by ``f(0) == 1`` (exactly, for every
-    method), so only graph neighbours change. A heap keyed ``(-score, index)`` gives the highest current
-    score with the lowest index on ties; entries made stale by later decays are skipped. Each box's
-    score is multiplied by the same factors in the same order as in the dense loop.
+    method), so only graph neighbours change, and a box without neighbours keeps its own score. The decay
+    factor of every overlapping pair is computed once, vectorised. For the rest, a heap keyed
+    ``(-score, index)`` gives the highest current score with the lowest index on ties; entries made stale by
+    later decays are skipped. Each box's score is multiplied by the same factors in the same order as in the
+    dense loop.
+
+    Selection order is ``(-kept score, index)``: scores only decrease, so when a box is selected every box
+    still a candidate has a current score -- hence a kept score -- no higher, and an equal one only with a
+    higher index. Boxes without neighbours therefore join the heap's selections by one sort at the end.
     """
     m = s.size
     src, dst = overlap_pairs(b)
     order = np.argsort(src, kind="stable")
-    nbrs = dst[order]
+    src, nbrs = src[order], dst[order]
+    factor = decay(pair_iou(b, src, nbrs), method, sigma, iou_threshold)
     indptr = np.zeros(m + 1, np.int64)
     np.cumsum(np.bincount(src, minlength=m), out=indptr[1:])
+    linked = np.flatnonzero(indptr[1:] > indptr[:-1])
     cur = s.copy()
     alive = np.ones(m, bool)
-    heap = list(zip((-s).tolist(), range(m), strict=True))
+    heap = list(zip((-s[linked]).tolist(), linked.tolist(), strict=True))
     heapq.heapify(heap)
     keep: list[int] = []
-    kept: list[float] = []
     while heap:
         neg, k = heapq.heappop(heap)
         if not alive[k] or -neg != cur[k]:
             continue  # selected, dropped, or decayed since this entry was pushed
         keep.append(k)
-        kept.append(-neg)
         alive[k] = False
-        nb = nbrs[indptr[k] : indptr[k + 1]]
-        nb = nb[alive[nb]]
+        lo, hi = indptr[k], indptr[k + 1]
+        nb, f = nbrs[lo:hi], factor[lo:hi]
+        live = alive[nb]
+        nb, f = nb[live], f[live]
         if nb.size == 0:
             continue
-        cur[nb] = cur[nb] * decay(box_iou_one(b[k], b[nb]), method, sigma, iou_threshold)
+        cur[nb] = cur[nb] * f
         low = cur[nb] < score_threshold
         alive[nb[low]] = False
-        live = nb[~low]
-        for score, j in zip((-cur[live]).tolist(), live.tolist(), strict=True):
+        nb = nb[~low]
+        for score, j in zip((-cur[nb]).tolist(), nb.tolist(), strict=True):
             heapq.heappush(heap, (score, j))
-    return np.asarray(keep, np.int64), np.asarray(kept, np.float64)
+    chosen = np.concatenate([np.asarray(keep, np.int64), np.flatnonzero(indptr[1:] == indptr[:-1])])
+    order = np.lexsort((chosen, -cur[chosen]))
+    return chosen[order], cur[chosen[order]]
 
 
 def _soft_nms_dense(
     b: np.ndarray, s: np.ndarray, method: Method, sigma: float, iou_threshold: float, score_threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The soft-NMS loop on candidates ``b`` ``float64 [M, 4]``, ``s`` ``float64 [M]`` (all >= threshold).
+    """The soft-NMS loop as DESIGN.md states it, on candidates ``b`` ``float64 [M, 4]``, ``s`` ``float64 [M]`` (all
+    >= threshold): the plain baseline of ``benchmarks/bench_soft_nms.py`` and the tests' second implementation.
 
     Returns positions into ``b`` in selection order and the scores when selected (float64).
     """

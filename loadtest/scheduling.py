@@ -4,7 +4,9 @@ Against a running service: a closed-loop run measures capacity (images/s) for th
 Poisson runs at fractions of it (default 0.3, 0.5, 0.7, 0.9) and one overload run (default 3x). Per run it reports
 latency percentiles of admitted requests (overall and per image of the mix), the share refused, and for refusals
 (503) how ``Retry-After`` compares with the wait that was actually needed: the time from the refusal until the
-next request of the same image was admitted (an upper bound on the needed wait: arrivals sample it).
+next request of the same image was admitted (an upper bound on the needed wait: arrivals sample it). For admitted
+requests it also splits the latency by the response's own ``timings``: the handler's ``total`` (from the body read
+to the reply) and ``queue_wait``, and what lies outside the handler (connection, upload, HTTP parsing, response).
 
 Latency is from each request's intended send time (no coordinated omission), as in ``loadtest.generator``.
 """
@@ -27,27 +29,31 @@ from loadtest.images import MixImage, parse_mix, weights
 from loadtest.report import percentile
 from loadtest.schedule import offsets
 
-Row = tuple[float, float, int, int, float | None, float | None]
-# intended, done, status, pick, Retry-After header (s), the body's precise retry_after_s
+Row = tuple[float, float, int, int, float | None, float | None, dict[str, float] | None]
+# intended, done, status, pick, Retry-After header (s), the body's precise retry_after_s, a 200's timings (s)
 
 
 async def _send(
     client: httpx.AsyncClient, image: MixImage, params: dict[str, str]
-) -> tuple[int, float | None, float | None]:
+) -> tuple[int, float | None, float | None, dict[str, float] | None]:
+    """(status, Retry-After, the body's retry_after_s, a 200's timings in seconds); status 0: timed out,
+    -1: transport error."""
     try:
         r = await client.post(
             "/v1/detect", content=image.data, headers={"content-type": image.media_type}, params=params
         )
     except httpx.TimeoutException:
-        return 0, None, None
+        return 0, None, None, None
     except httpx.TransportError:
-        return -1, None, None
+        return -1, None, None, None
     retry = r.headers.get("retry-after")
-    precise = None
-    if r.status_code == 503:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+    precise = timings = None
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        if r.status_code == 503:
             precise = float(r.json()["error"]["retry_after_s"])
-    return r.status_code, float(retry) if retry is not None else None, precise
+        elif r.status_code == 200:
+            timings = {k: float(v) / 1000 for k, v in r.json()["timings"].items()}
+    return r.status_code, float(retry) if retry is not None else None, precise, timings
 
 
 async def open_loop(
@@ -61,8 +67,8 @@ async def open_loop(
         start = time.perf_counter()
 
         async def one(intended: float, pick: int) -> None:
-            status, retry, precise = await _send(client, mix[pick], params)
-            rows.append((intended, time.perf_counter() - start, status, pick, retry, precise))
+            status, retry, precise, timings = await _send(client, mix[pick], params)
+            rows.append((intended, time.perf_counter() - start, status, pick, retry, precise, timings))
 
         await fire_at(schedule, picks, start, one)
     return rows
@@ -78,7 +84,7 @@ async def capacity(url: str, mix: list[MixImage], seconds: float, workers: int, 
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < stop:
-                status, _, _ = await _send(client, mix[int(rng.choice(len(mix), p=weights(mix)))], params)
+                status, *_ = await _send(client, mix[int(rng.choice(len(mix), p=weights(mix)))], params)
                 done += status == 200
 
         t0 = time.perf_counter()
@@ -108,6 +114,18 @@ def _retry_ratios(rows: list[Row], col: int, warmup: float) -> np.ndarray:
     return np.asarray(ratios, np.float64)
 
 
+def _split(rows: list[Row]) -> dict[str, dict[str, float | None]]:
+    """Admitted requests' latency split by their timings: the handler's total, its queue wait, and the rest (outside
+    the handler); percentiles of each part on its own."""
+    timed = [(r[1] - r[0], r[6]) for r in rows if r[2] == 200 and r[6] is not None and "total" in r[6]]
+    parts = {
+        "handler_total": [t["total"] for _, t in timed],
+        "queue_wait": [t.get("queue_wait", 0.0) for _, t in timed],
+        "outside_handler": [latency - t["total"] for latency, t in timed],
+    }
+    return {k: _stats(np.asarray(v, np.float64)) for k, v in parts.items()}
+
+
 def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, Any]:
     """Per run: admitted latency (ms) overall and per image, refusals, Retry-After vs the needed wait."""
     rows = sorted(rows)
@@ -123,6 +141,7 @@ def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, 
             m.name: _stats(np.array([r[1] - r[0] for r in kept if r[2] == 200 and r[3] == k]))
             for k, m in enumerate(mix)
         },
+        "split_ms": _split(kept),
     }
     for key, col in (("retry_after_over_needed", 4), ("retry_after_s_over_needed", 5)):
         if (ratios := _retry_ratios(rows, col, warmup)).size:

@@ -23,9 +23,10 @@ chips per request per turn (processor sharing). ``fifo``: first in, first out by
 Admission by time: a request is refused at once (``QueueFull`` -> 503 + ``Retry-After``) when it cannot complete
 by its hard deadline at the drain rate. Under ``edf`` the check is the schedule's own: the lane in target order
 with the newcomer inserted must complete every request by its hard deadline (the newcomer, and anyone it would
-push late), so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the time
-until the request would fit (its own lateness, or until the requests it would push late are done). Under ``fair``
-and ``fifo`` the newcomer's own estimated completion is checked.
+push late), so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the least
+wait after which the same request sent again would be admitted on that projected schedule (:class:`EdfSchedule`:
+its target and deadline move with the wait, the queue drains meanwhile). Under ``fair`` and ``fifo`` the newcomer's
+own estimated completion is checked, and the hint is its lateness.
 """
 
 from __future__ import annotations
@@ -144,6 +145,51 @@ class _Slice:
     start: int  # first chip index of the request in this batch
     stop: int
     row: int  # first row in the batch buffer
+
+
+@dataclass(frozen=True)
+class EdfSchedule:
+    """A lane's projected ``edf`` schedule at the drain rate, without new arrivals: the queued requests in target
+    order with their ``targets``, ``hards`` (hard deadlines) and projected completion times ``done`` (all
+    ``float64 [m]``, ``time.monotonic()``), after ``head`` (when what runs or waits in higher lanes is done)."""
+
+    now: float
+    head: float
+    targets: np.ndarray
+    hards: np.ndarray
+    done: np.ndarray
+
+    def _at_risk(self, own: float) -> np.ndarray:
+        """``bool [m]``: on time without a newcomer of ``own`` seconds of chips, late with it ahead of them."""
+        return np.asarray((self.done <= self.hards) & (self.done + own > self.hards))
+
+    def check(self, own: float, target: float) -> tuple[float, float]:
+        """A newcomer of ``own`` seconds of chips with ``target``, inserted in target order (after equal targets):
+        (its projected completion, the time until every request it would push past its hard deadline has
+        completed -- ``now`` when none)."""
+        k = int(np.searchsorted(self.targets, target, side="right"))
+        own_done = (self.done[k - 1] if k else self.head) + own
+        late = self._at_risk(own)[k:]
+        return float(own_done), float(self.done[k:][late].max()) if late.any() else self.now
+
+    def retry_after(self, own: float, target: float, hard: float) -> float:
+        """The least wait after which the same newcomer would be admitted, its target and hard deadline moving with
+        the wait and the queue drained by it: complete by its hard deadline, pushing no one past theirs. Each
+        insertion position holds for a range of waits (the wait moves the newcomer past queued targets); there the
+        wait must also cover its own lateness and the at-risk requests behind it (until they complete)."""
+        m = self.targets.size
+        risk = np.where(self._at_risk(own), self.done - self.now, 0.0)
+        after = np.maximum.accumulate(risk[::-1])[::-1]  # the latest at-risk completion behind each position
+        k0 = int(np.searchsorted(self.targets, target, side="right"))
+        wait = math.inf
+        for k in range(k0, m + 1):
+            lo = 0.0 if k == k0 else float(self.targets[k - 1] - target)
+            hi = float(self.targets[k] - target) if k < m else math.inf
+            ahead = float(self.done[k - 1]) if k else self.head
+            wait = max(lo, ahead + own - hard, float(after[k]) if k < m else 0.0)
+            if wait < hi:
+                break
+        return max(wait, 0.01)
 
 
 class Batcher:
@@ -333,8 +379,9 @@ class Batcher:
         if rate <= 0:
             return
         now = time.monotonic()
-        if self.config.schedule == "edf":
-            own_done, late_until = self._edf_check(n, target, priority, now)
+        schedule = self._edf_schedule(priority, now) if self.config.schedule == "edf" else None
+        if schedule is not None:
+            own_done, late_until = schedule.check(n / rate, target)
         else:
             own_done, late_until = now + (self.chips_ahead(n, target, priority) + n) / rate, now
         metrics.QUEUE_ESTIMATED_WAIT.set(own_done - now)
@@ -345,8 +392,12 @@ class Batcher:
                 f"the request's deadline ({hard - now + self._finish_s:.3f} s) is shorter than its own {n} chips "
                 f"take at {rate:.0f} chips/s plus its merge ({self._finish_s * 1000:.0f} ms)"
             )
-        # Retry when it would fit: its own lateness has drained, and whoever it would push late is done.
-        retry_s = max(own_done - hard, late_until - now, n / rate)
+        # Retry when it would fit: the same request sent ``retry_s`` later (its target and hard deadline that much
+        # later, the queue that much drained) would be admitted -- under edf found on the schedule itself.
+        if schedule is not None:
+            retry_s = schedule.retry_after(n / rate, target, hard)
+        else:
+            retry_s = max(own_done - hard, n / rate)
         bound = self.config.max_queue_wait_s
         what = f"the queueing bound of {bound:g} s" if by_bound else f"the request's deadline ({hard - now:.1f} s)"
         if own_done <= hard:
@@ -357,28 +408,19 @@ class Batcher:
             retry_after_s=retry_s,
         )
 
-    def _edf_check(self, n: int, target: float, priority: Priority, now: float) -> tuple[float, float]:
-        """Under ``edf``: (the newcomer's projected completion, the time until every request it would push past its
-        hard deadline has completed -- ``now`` when none) with the newcomer inserted in target order."""
+    def _edf_schedule(self, priority: Priority, now: float) -> EdfSchedule:
+        """The lane's projected schedule in target order at the drain rate, after what runs or is queued in
+        higher lanes."""
         rate = self._chips_per_s
-        t = now + sum(s.stop - s.start for b in self._running for s in b) / rate
+        head = now + sum(s.stop - s.start for b in self._running for s in b) / rate
         for lane_priority in PRIORITIES:  # higher lanes are served first
             if lane_priority == priority:
                 break
-            t += self._lane_pending[lane_priority] / rate
-        own_done, late_until = math.inf, now
+            head += self._lane_pending[lane_priority] / rate
         order = sorted(self._lanes[priority], key=lambda w: (w.target, w.enqueued))
-        inserted = False
-        for w in order:
-            if not inserted and target < w.target:
-                t += n / rate
-                own_done, inserted = t, True
-            t += w.remaining / rate
-            if inserted and t > w.hard >= t - n / rate:  # on time without the newcomer, late with it
-                late_until = max(late_until, t - n / rate)
-        if not inserted:
-            own_done = t + n / rate
-        return own_done, late_until
+        done = head + np.cumsum(np.array([w.remaining for w in order], np.float64) / rate)
+        targets = np.array([w.target for w in order], np.float64)
+        return EdfSchedule(now, head, targets, np.array([w.hard for w in order], np.float64), done)
 
     # ---- the loop --------------------------------------------------------------------------
     def _drop_dead(self) -> None:

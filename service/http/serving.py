@@ -383,8 +383,12 @@ async def run_detection(
     timeout: float | None = None,
     request: Request | None = None,
     priority: Priority = "interactive",
+    arrival: float | None = None,
 ) -> tuple[np.ndarray, Result]:
     """Decode ``data`` and detect, through the shared batcher, within the request's deadline.
+
+    The deadline (``timeout``, capped by the server's) and the queueing bound count from ``arrival``
+    (``time.monotonic()`` when the request reached the service; default: now).
 
     The shared entry point of every route (``/v1/detect``, batch, stream). With ``request``, a client
     disconnect cancels the work and drops its queued chips. Records stage metrics. Streaming and batch
@@ -394,7 +398,8 @@ async def run_detection(
     settings = state.settings
     pipeline, batcher = pipeline_of(state), batcher_of(state)
     budget = min(timeout or math.inf, settings.request_timeout_s)
-    arrival = time.monotonic()
+    now = time.monotonic()
+    arrival = now if arrival is None else min(arrival, now)
     deadline = arrival + budget
 
     async def run() -> tuple[np.ndarray, Result]:
@@ -410,9 +415,11 @@ async def run_detection(
         result.timings["decode"] = decode_s
         return image, result
 
+    if deadline <= now:  # the upload alone took the whole deadline
+        raise DeadlineExceeded(f"request did not finish within its deadline of {budget:g} s (its upload took it)")
     work = run() if request is None else cancel_on_disconnect(request, run())
     try:
-        image, result = await asyncio.wait_for(work, budget)
+        image, result = await asyncio.wait_for(work, deadline - now)
     except TimeoutError:
         raise DeadlineExceeded(f"request did not finish within its deadline of {budget:g} s") from None
     metrics.observe_stages(result.timings)

@@ -172,7 +172,11 @@ class BodyGuard:
             message = f"request body is {int(declared)} bytes, above the limit of {limit} ({name})"
             await _refuse(send, 413, "too_large", message)
             return
-        meter = _BodyMeter(self, limit, f"{limit} bytes ({name})", time.monotonic())
+        arrival = time.monotonic()
+        # When the request reached the service, before its body: /v1/detect's deadline and queueing bound count
+        # from here, so an upload or a busy event loop is inside them (request.state.arrival).
+        scope.setdefault("state", {})["arrival"] = arrival
+        meter = _BodyMeter(self, limit, f"{limit} bytes ({name})", arrival)
         try:
             await self.app(scope, meter.wrap(receive), send)
         finally:

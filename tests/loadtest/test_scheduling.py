@@ -9,13 +9,13 @@ from loadtest.scheduling import summarize
 def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
     mix = parse_mix("64x48:1,128x96:1")
     rows = [
-        # intended, done, status, pick, Retry-After header, body retry_after_s
-        (0.5, 0.6, 200, 0, None, None),  # warm-up: ignored
-        (1.0, 1.2, 200, 0, None, None),
-        (2.0, 2.0, 503, 0, 1.0, 0.25),  # the next admitted pick-0 request was sent 0.5 s later
-        (2.2, 2.5, 200, 1, None, None),
-        (2.5, 2.8, 200, 0, None, None),
-        (3.0, 3.0, 503, 1, 2.0, None),  # no later admission of pick 1: no ratio
+        # intended, done, status, pick, Retry-After header, body retry_after_s, a 200's timings
+        (0.5, 0.6, 200, 0, None, None, {"total": 0.05}),  # warm-up: ignored
+        (1.0, 1.2, 200, 0, None, None, {"total": 0.15, "queue_wait": 0.1}),
+        (2.0, 2.0, 503, 0, 1.0, 0.25, None),  # the next admitted pick-0 request was sent 0.5 s later
+        (2.2, 2.5, 200, 1, None, None, None),  # no timings (another server): left out of the split
+        (2.5, 2.8, 200, 0, None, None, {"total": 0.2, "queue_wait": 0.0}),
+        (3.0, 3.0, 503, 1, 2.0, None, None),  # no later admission of pick 1: no ratio
     ]
     s = summarize(rows, mix, warmup=1.0)
     assert (s["requests"], s["admitted"], s["refused_503"]) == (5, 3, 2)
@@ -23,3 +23,6 @@ def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
     assert s["retry_after_s_over_needed"]["p50"] == 0.5
     assert s["retry_after_s_over_needed"]["share_within_2x"] == 1.0
     assert s["by_image"][mix[0].name]["p50"] == 200.0  # ms, nearest rank of 200 and 300 ms
+    split = s["split_ms"]  # the two timed admissions: 200 ms = 150 + 50 outside, 300 ms = 200 + 100 outside
+    assert (split["handler_total"]["max"], split["queue_wait"]["max"]) == (200.0, 100.0)
+    assert split["outside_handler"]["p50"] == 50.0 and split["outside_handler"]["max"] == 100.0

@@ -6,9 +6,12 @@ import asyncio
 import math
 import time
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.batch import Batcher, Submission
+from service.batch import Batcher, EdfSchedule, Submission
 from service.engines.fake import FakeEngine
 from service.errors import QueueFull
 from tests.service.test_batch import make_batcher, work_for
@@ -216,3 +219,40 @@ async def test_a_deadline_too_short_even_for_an_empty_queue_is_504_not_503() -> 
         b.admit(n, deadline=time.monotonic() + 30)  # a deadline it can meet: admitted
     finally:
         await b.stop()
+
+
+def _feasible(s: EdfSchedule, own: float, target: float, hard: float, wait: float) -> bool:
+    """Reference for :meth:`EdfSchedule.retry_after`, written as a simulation: the newcomer sent ``wait`` later
+    joins the queued requests (those not yet done by then) in target order and everyone's completion is
+    recomputed; admitted iff it is on time and nobody on time without it is late with it."""
+    t = s.now + wait
+    queued = [(float(tg), float(h), float(d)) for tg, h, d in zip(s.targets, s.hards, s.done, strict=True) if d > t]
+    before = [q for q in queued if q[0] <= target + wait]
+    behind = [q for q in queued if q[0] > target + wait]
+    start = max(t, before[-1][2] if before else s.head)
+    if start + own > hard + wait + 1e-12:
+        return False
+    return all(not (d <= h < d + own) for _, h, d in behind)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0.0, 3.0), st.floats(0.01, 0.5), st.floats(0.0, 2.0)), min_size=0, max_size=12),
+    st.floats(0.01, 0.5),
+    st.floats(0.0, 3.0),
+    st.floats(0.05, 3.0),
+)
+def test_retry_after_is_the_least_wait_that_would_be_admitted(
+    queue: list[tuple[float, float, float]], own: float, target: float, bound: float
+) -> None:
+    """Queued requests (target, own seconds, slack of the hard deadline over the completion); the hint is a wait
+    at which the newcomer would be admitted, and no shorter wait on a fine grid would do."""
+    queue.sort()
+    done = np.cumsum([q[1] for q in queue]) + 0.1  # 0.1 s of running chips ahead
+    hards = done + np.array([q[2] - 0.3 for q in queue])  # some already late, some at risk, some safe
+    s = EdfSchedule(0.0, 0.1, np.array([q[0] for q in queue]), hards, done)
+    hard = bound + own
+    wait = s.retry_after(own, target, hard)
+    assert _feasible(s, own, target, hard, wait + 1e-9)
+    grid = np.arange(0.0, wait - 0.011, 0.005)
+    assert not any(_feasible(s, own, target, hard, float(w)) for w in grid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import cv2
@@ -19,8 +20,11 @@ from service.adapters import get_adapter
 from service.batch import Batcher, BatcherConfig
 from service.crop import Normalizer
 from service.engines.fake import FAKE_CARD, FakeEngine
-from service.errors import QueueFull
+from service.errors import DeadlineExceeded, QueueFull
 from service.http.app import create_app
+from service.http.serving import run_detection
+from service.http.transport import BodyGuard, TransportConfig
+from service.options import DetectOptions
 from service.plan import LevelSpec, PlanConfig, plan
 from service.settings import Settings
 
@@ -198,3 +202,41 @@ def test_bulk_requests_in_flight_do_not_use_up_detect_slots(client_for: Callable
             pass
         assert detect(client).status_code == 200  # /v1/detect still has its own slot
     assert state.in_flight == 0 and state.in_flight_bulk == 0
+
+
+def test_deadline_counts_from_arrival(client_for: Callable[..., TestClient]) -> None:
+    """``run_detection``'s deadline starts when the request reached the service (BodyGuard's stamp, before the
+    upload), not when the handler got the body: an upload that took the whole deadline is 504 at once."""
+    client = client_for(FakeEngine(delay=0.05))
+    state = client.app.state.snipserve  # type: ignore[attr-defined]
+
+    def run(arrival_ago: float) -> float:
+        async def go() -> float:
+            t0 = time.monotonic()
+            await run_detection(state, png(), DetectOptions(), 1.0, arrival=t0 - arrival_ago)
+            return time.monotonic() - t0
+
+        return client.portal.call(go)  # type: ignore[union-attr, no-any-return]
+
+    took = run(0.0)  # fits the 1 s deadline
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        run(1.0 - took / 4)  # the same work, arriving that much earlier: past the deadline
+    with pytest.raises(DeadlineExceeded, match="upload"):
+        run(2.0)
+
+
+async def test_body_guard_stamps_arrival_before_the_body() -> None:
+    seen: dict[str, float] = {}
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        await receive()  # type: ignore[operator]
+        seen["arrival"] = scope["state"]["arrival"]
+
+    async def receive() -> dict:  # type: ignore[type-arg]
+        await asyncio.sleep(0.05)  # a slow upload
+        seen["body"] = time.monotonic()
+        return {"type": "http.request", "body": b"x", "more_body": False}
+
+    guard = BodyGuard(app, TransportConfig())  # type: ignore[arg-type]
+    await guard({"type": "http", "path": "/v1/detect", "headers": []}, receive, None)  # type: ignore[arg-type]
+    assert seen["body"] - seen["arrival"] >= 0.04  # stamped before the upload, not after it

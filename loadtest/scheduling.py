@@ -121,6 +121,8 @@ def _split(rows: list[Row]) -> dict[str, dict[str, float | None]]:
     parts = {
         "handler_total": [t["total"] for _, t in timed],
         "queue_wait": [t.get("queue_wait", 0.0) for _, t in timed],
+        "infer": [t.get("infer", 0.0) for _, t in timed],
+        "decode_crop_merge": [t.get("decode", 0.0) + t.get("crop", 0.0) + t.get("merge", 0.0) for _, t in timed],
         "outside_handler": [latency - t["total"] for latency, t in timed],
     }
     return {k: _stats(np.asarray(v, np.float64)) for k, v in parts.items()}
@@ -142,6 +144,7 @@ def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, 
             for k, m in enumerate(mix)
         },
         "split_ms": _split(kept),
+        "split_ms_by_image": {m.name: _split([r for r in kept if r[3] == k]) for k, m in enumerate(mix)},
     }
     for key, col in (("retry_after_over_needed", 4), ("retry_after_s_over_needed", 5)):
         if (ratios := _retry_ratios(rows, col, warmup)).size:

@@ -1,6 +1,8 @@
 """``snipserve data import --sources YAML --root DIR --out DIR``: real datasets into the project's COCO layout.
+``snipserve data rescale --data DIR --scales F,F --out DIR``: resampled copies of a training split.
 
-See :mod:`models.dataimport`. ``scripts/fetch-real-data.sh`` fetches the pinned sources into ``--root``.
+See :mod:`models.dataimport` and :mod:`models.rescale`. ``scripts/fetch-real-data.sh`` fetches the pinned
+sources into ``--root``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     imp.add_argument("--root", type=Path, default=Path("data/sources"), help="folder holding one clone per source")
     imp.add_argument("--out", type=Path, default=Path("data/real"), help="output folder (train/ val/ test/ + card)")
+    res = sub.add_parser("rescale", help="resampled copies of a (training) COCO folder, boxes scaled with them")
+    res.add_argument("--data", type=Path, required=True, help="COCO folder (images + annotations.json)")
+    res.add_argument("--scales", required=True, help="comma-separated factors, e.g. 0.6,1.6")
+    res.add_argument("--only", action="append", default=None, metavar="SOURCE", help="only images of this source")
+    res.add_argument("--out", type=Path, required=True, help="output COCO folder")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "rescale":
+        return _rescale(args)
     from pydantic import ValidationError
 
     from models.dataimport import ImportConfig, run_import
@@ -41,4 +50,19 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {args.out}/{{train,val,test}}/annotations.json, {args.out}/DATACARD.md, datacard.json, "
         f"problems.jsonl ({card['problems']} problems)"
     )
+    return 0
+
+
+def _rescale(args: argparse.Namespace) -> int:
+    from models.rescale import rescale_copies
+
+    try:
+        scales = [float(x) for x in args.scales.split(",")]
+        summary = rescale_copies(args.data, args.out, scales, args.only)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"snipserve data rescale: {e}")
+        return 2
+    for line in summary["skipped"]:
+        print(f"skipped: {line}")
+    print(f"wrote {args.out}/annotations.json: {summary['images']} images, {summary['boxes']} boxes")
     return 0

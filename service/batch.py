@@ -14,25 +14,28 @@ streaming client can neither fill the interactive queue (separate budget) nor de
 (strict priority); bulk chips fill whatever rows interactive work leaves free.
 
 Scheduling within a lane (``schedule``). The batcher keeps a measured drain rate (chips completed per second of
-wall clock while busy, a moving average). ``edf`` (default): earliest deadline first on a per-request *target*,
-``admission + edf_stretch x (its own chips / drain rate) + edf_slack_s``, capped by its hard deadline (the
-client's deadline and ``max_queue_wait_s`` after admission): a request's latency then follows its own size, and
-an old large request's target eventually comes first (no starvation). ``fair``: round robin, ``fair_quantum``
-chips per request per turn (processor sharing). ``fifo``: first in, first out by chip.
+wall clock while busy, over the batches of the last ``drain_window_s``). ``edf`` (default): earliest deadline
+first on a per-request *target*, ``admission + edf_stretch x (its own chips / drain rate) + edf_slack_s``, capped
+by its hard deadline (the client's deadline and ``max_queue_wait_s`` after arrival): a request's latency then
+follows its own size, and an old large request's target eventually comes first (no starvation). ``fair``: round
+robin, ``fair_quantum`` chips per request per turn (processor sharing). ``fifo``: first in, first out by chip.
 
 Admission by time: a request is refused at once (``QueueFull`` -> 503 + ``Retry-After``) when it cannot complete
-by its hard deadline at the drain rate. Under ``edf`` the check is the schedule's own: the lane in target order
-with the newcomer inserted must complete every request by its hard deadline (the newcomer, and anyone it would
-push late), so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the least
-wait after which the same request sent again would be admitted on that projected schedule (:class:`EdfSchedule`:
-its target and deadline move with the wait, the queue drains meanwhile). Under ``fair`` and ``fifo`` the newcomer's
-own estimated completion is checked, and the hint is its lateness.
+by its hard deadline at the admission rate (the slowest recent busy second's drain rate). Under ``edf`` the check
+is the schedule's own: the lane in target order with the newcomer inserted must complete every request by its hard
+deadline (the newcomer, and anyone it would push late, or later when the rate has fallen since they were admitted),
+so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the least wait after
+which the same request sent again would be admitted on that projected schedule (:class:`EdfSchedule`: its target
+and deadline move with the wait, the queue drains meanwhile). Under ``fair`` and ``fifo`` the newcomer's own
+estimated completion is checked, and the hint is its lateness. Requests admitted but still decoding hold a
+:class:`Reservation` and count as queued, so that many arriving at once cannot all be let into the same room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -93,9 +96,31 @@ class BatcherConfig(BaseModel):
         description="Refuse (503) a request whose estimated completion at the measured drain rate is further away "
         "than this; unset: only the chip capacity and each request's deadline bound admission.",
     )
-    drain_smoothing: float = Field(
-        default=0.2, gt=0, le=1, description="Weight of the newest batch in the drain-rate moving average."
+    drain_window_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="The drain rate is the chips completed over the busy seconds of the batches of this last window.",
     )
+    drain_smoothing: float = Field(
+        default=0.2, gt=0, le=1, description="Weight of the newest request in the merge-time moving average."
+    )
+
+
+@dataclass(eq=False)
+class Reservation:
+    """A request admitted by :meth:`Batcher.admit` (after the header probe) whose chips are not queued yet (it is
+    decoding, or waiting for the pixel budget): admission by time counts it as if queued, so requests decoding at
+    the same time cannot all be admitted into the same room. Its submission (or :meth:`Batcher.release`) ends it."""
+
+    n: int
+    target: float
+    hard: float
+    priority: Priority
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def remaining(self) -> int:
+        return self.n
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,7 @@ class Submission:
     arrival: float | None = None  # time.monotonic() when the request reached the service (the bound counts from it)
     want_focus: bool = False  # keep the chips' focus maps (models with a focus head) in ``ChipWork.focus``
     continuation: bool = False  # a later part of an admitted request (a focus run's finer level): no time check
+    reservation: Reservation | None = None  # what ``admit`` returned for this request: these chips replace it
 
 
 NEW_REQUEST = Submission()
@@ -160,13 +186,15 @@ class EdfSchedule:
     done: np.ndarray
 
     def _at_risk(self, own: float) -> np.ndarray:
-        """``bool [m]``: on time without a newcomer of ``own`` seconds of chips, late with it ahead of them."""
-        return np.asarray((self.done <= self.hards) & (self.done + own > self.hards))
+        """``bool [m]``: late with a newcomer of ``own`` seconds of chips ahead of them. That includes those already
+        projected late (the rate fell after they were admitted): letting newcomers pass them would push the same
+        admitted requests back again and again (EDF's domino effect), so nobody is inserted ahead of them."""
+        return np.asarray(self.done + own > self.hards)
 
     def check(self, own: float, target: float) -> tuple[float, float]:
         """A newcomer of ``own`` seconds of chips with ``target``, inserted in target order (after equal targets):
-        (its projected completion, the time until every request it would push past its hard deadline has
-        completed -- ``now`` when none)."""
+        (its projected completion, the time until every request it would make late has completed -- ``now`` when
+        none)."""
         k = int(np.searchsorted(self.targets, target, side="right"))
         own_done = (self.done[k - 1] if k else self.head) + own
         late = self._at_risk(own)[k:]
@@ -189,7 +217,7 @@ class EdfSchedule:
             wait = max(lo, ahead + own - hard, float(after[k]) if k < m else 0.0)
             if wait < hi:
                 break
-        return max(wait, 0.01)
+        return wait  # > 0 for a refused newcomer: at wait 0 it was late, or pushed someone late
 
 
 class Batcher:
@@ -214,6 +242,7 @@ class Batcher:
         self._buffers = [self.staging.new_buffer(self.max_batch) for _ in range(self.depth)]
         self._lanes: dict[Priority, collections.deque[ChipWork]] = {p: collections.deque() for p in PRIORITIES}
         self._lane_pending: dict[Priority, int] = dict.fromkeys(PRIORITIES, 0)  # chips queued per lane
+        self._reserved: dict[Priority, list[Reservation]] = {p: [] for p in PRIORITIES}  # admitted, not queued yet
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self.depth)
         self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="snipserve-engine")
@@ -222,9 +251,11 @@ class Batcher:
         self._batches: set[asyncio.Task[None]] = set()
         self._running: list[list[_Slice]] = []  # slices of the batches in flight (for the wait estimate)
         self._closing = False
-        self._chips_per_s = 0.0  # measured drain rate (chips per wall-clock second while busy), moving average
+        self._chips_per_s = 0.0  # measured drain rate (chips per wall-clock second while busy, recent window)
+        self._drained: collections.deque[tuple[float, int, float]] = collections.deque()  # (done at, chips, seconds)
         self._last_done = 0.0  # time.monotonic() when the last batch completed
-        self._finish_s = 0.0  # measured seconds from a request's last chip to its reply (merge), moving average
+        self._backlogged = False  # chips were waiting (or running) when the last batch completed
+        self._finish_per_chip = 0.0  # measured seconds from a request's last chip to its reply (merge), per chip
         metrics.QUEUE_CAPACITY.set(config.queue_capacity)
         metrics.QUEUE_DEPTH.set(0)
 
@@ -279,6 +310,8 @@ class Batcher:
         ``how``: see :class:`Submission`.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
+        if how.reservation is not None:
+            self.release(how.reservation)
         if self._closing:
             raise NotReady("the service is shutting down")
         n = plan.num_chips
@@ -315,13 +348,32 @@ class Batcher:
         """Measured chips per second (0 until the first batch completes)."""
         return self._chips_per_s
 
-    def note_finish(self, seconds: float) -> None:
-        """A request took ``seconds`` from its last chip to its reply (postprocess, merge): admission by time
-        keeps that much of the bound for it (a moving average, like the drain rate)."""
-        self._finish_s = self._smoothed(self._finish_s, max(seconds, 0.0))
+    @property
+    def admission_rate(self) -> float:
+        """The drain rate admission by time plans with: the slowest second of the window among those mostly busy
+        (at least half a second of batches), else the window's rate. A promise made at an average rate is broken
+        whenever the next seconds run slower than average; this one holds unless they run slower than the slowest
+        recent second."""
+        buckets: dict[int, list[float]] = {}
+        for done, rows, seconds in self._drained:
+            b = buckets.setdefault(int(done), [0.0, 0.0])
+            b[0] += rows
+            b[1] += seconds
+        busy = [chips / seconds for chips, seconds in buckets.values() if seconds >= 0.5]
+        return min(busy) if busy else self._chips_per_s
+
+    def note_finish(self, seconds: float, chips: int = 1) -> None:
+        """A request of ``chips`` chips took ``seconds`` from its last chip to its reply (postprocess, merge):
+        admission by time keeps that much of the bound for each request, in proportion to its chips (a large image
+        has more boxes to merge; a moving average per chip)."""
+        self._finish_per_chip = self._smoothed(self._finish_per_chip, max(seconds, 0.0) / max(chips, 1))
+
+    def _finish(self, n: int) -> float:
+        """Seconds a request of ``n`` chips is expected to take from its last chip to its reply."""
+        return n * self._finish_per_chip
 
     def _smoothed(self, average: float, sample: float) -> float:
-        """The moving average (``drain_smoothing``) of the drain rate and the merge time; the first sample as is."""
+        """The moving average (``drain_smoothing``) of the merge time; the first sample as is."""
         a = self.config.drain_smoothing
         return sample if average == 0 else (1 - a) * average + a * sample
 
@@ -333,16 +385,16 @@ class Batcher:
         (round robin ends a request's turns with its last chip); plus the chips of batches already running."""
         ahead = sum(s.stop - s.start for b in self._running for s in b)
         for lane_priority in PRIORITIES:
-            lane = self._lanes[lane_priority]
             if lane_priority != priority:
-                ahead += self._lane_pending[lane_priority]
+                ahead += self._lane_pending[lane_priority] + self._reserved_chips(lane_priority)
                 continue
+            waiting: list[ChipWork | Reservation] = [*self._lanes[priority], *self._reserved[priority]]
             if self.config.schedule == "fifo":
-                ahead += self._lane_pending[priority]
+                ahead += sum(w.remaining for w in waiting)
             elif self.config.schedule == "edf":
-                ahead += sum(w.remaining for w in lane if w.target <= deadline)
+                ahead += sum(w.remaining for w in waiting if w.target <= deadline)
             else:
-                ahead += sum(min(w.remaining, n) for w in lane)
+                ahead += sum(min(w.remaining, n) for w in waiting)
             break
         return ahead
 
@@ -354,10 +406,23 @@ class Batcher:
 
     def admit(
         self, n: int, deadline: float = math.inf, priority: Priority = "interactive", arrival: float | None = None
-    ) -> None:
-        """Refuse (``QueueFull``) now what ``submit`` would refuse by time -- before the caller decodes the image."""
+    ) -> Reservation:
+        """Refuse (``QueueFull``) now what ``submit`` would refuse by time -- before the caller decodes the image.
+        Admitted: its :class:`Reservation` holds its place until its submission (pass it in ``Submission``) or
+        :meth:`release`."""
         target, hard, by_bound = self._targets(n, deadline, arrival)
         self._admit_by_time(n, target, hard, priority, by_bound)
+        reservation = Reservation(n, target, hard, priority)
+        self._reserved[priority].append(reservation)
+        return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        """Drop a reservation (its request was submitted, failed or was cancelled); releasing twice is harmless."""
+        with contextlib.suppress(ValueError):
+            self._reserved[reservation.priority].remove(reservation)
+
+    def _reserved_chips(self, priority: Priority) -> int:
+        return sum(r.n for r in self._reserved[priority])
 
     def _targets(self, n: int, deadline: float, arrival: float | None = None) -> tuple[float, float, bool]:
         """(target, hard deadline, whether the queueing bound rather than the client's deadline sets it) of a new
@@ -367,7 +432,7 @@ class Batcher:
         start = now if arrival is None else min(arrival, now)
         by_bound = bound is not None and start + bound < deadline
         # the chips must be done early enough for the request's merge and reply (measured) to fit too
-        hard = (start + bound if bound is not None and by_bound else deadline) - self._finish_s
+        hard = (start + bound if bound is not None and by_bound else deadline) - self._finish(n)
         if self.config.schedule != "edf" or self._chips_per_s <= 0:
             return hard, hard, by_bound
         own = n / self._chips_per_s
@@ -375,7 +440,7 @@ class Batcher:
 
     def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> None:
         """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""
-        rate = self._chips_per_s
+        rate = self.admission_rate
         if rate <= 0:
             return
         now = time.monotonic()
@@ -389,8 +454,8 @@ class Batcher:
             return
         if not by_bound and now + n / rate > hard:  # not even an empty queue would do: retrying cannot help
             raise DeadlineExceeded(
-                f"the request's deadline ({hard - now + self._finish_s:.3f} s) is shorter than its own {n} chips "
-                f"take at {rate:.0f} chips/s plus its merge ({self._finish_s * 1000:.0f} ms)"
+                f"the request's deadline ({hard - now + self._finish(n):.3f} s) is shorter than its own {n} chips "
+                f"take at {rate:.0f} chips/s plus its merge ({self._finish(n) * 1000:.0f} ms)"
             )
         # Retry when it would fit: the same request sent ``retry_s`` later (its target and hard deadline that much
         # later, the queue that much drained) would be admitted -- under edf found on the schedule itself.
@@ -410,14 +475,15 @@ class Batcher:
 
     def _edf_schedule(self, priority: Priority, now: float) -> EdfSchedule:
         """The lane's projected schedule in target order at the drain rate, after what runs or is queued in
-        higher lanes."""
-        rate = self._chips_per_s
+        higher lanes, at the admission rate."""
+        rate = self.admission_rate
         head = now + sum(s.stop - s.start for b in self._running for s in b) / rate
         for lane_priority in PRIORITIES:  # higher lanes are served first
             if lane_priority == priority:
                 break
-            head += self._lane_pending[lane_priority] / rate
-        order = sorted(self._lanes[priority], key=lambda w: (w.target, w.enqueued))
+            head += (self._lane_pending[lane_priority] + self._reserved_chips(lane_priority)) / rate
+        waiting: list[ChipWork | Reservation] = [*self._lanes[priority], *self._reserved[priority]]
+        order = sorted(waiting, key=lambda w: (w.target, w.enqueued))
         done = head + np.cumsum(np.array([w.remaining for w in order], np.float64) / rate)
         targets = np.array([w.target for w in order], np.float64)
         return EdfSchedule(now, head, targets, np.array([w.hard for w in order], np.float64), done)
@@ -554,12 +620,21 @@ class Batcher:
         metrics.BATCH_SIZE.observe(rows)
         metrics.BATCH_FILL.observe(rows / self.max_batch)
         metrics.CHIPS.inc(rows)
-        # Drain rate on the wall clock: this batch's chips over the time since the previous batch completed (or
-        # since it started, after an idle gap) -- with overlapping batches that is the rate the queue empties at.
+        # Drain rate on the wall clock: this batch's chips over the time since the previous batch completed -- with
+        # overlapping batches that is the rate the queue empties at. A gap before this batch started counts only
+        # if chips were waiting when the previous one completed: then it is the service's own delay (an event loop
+        # busy with HTTP, decoding, merging), which admission must see; after an idle queue it is not.
         now = time.monotonic()
-        rate = rows / max(now - max(self._last_done, started), 1e-6)
+        since = self._last_done if self._backlogged else max(self._last_done, started)
         self._last_done = now
-        self._chips_per_s = self._smoothed(self._chips_per_s, rate)
+        self._backlogged = self._queued() or bool(self._running)
+        # Chips over seconds of the recent batches together (a ratio of sums: the mean of per-batch rates would be
+        # biased high, and a few fast batches would read as capacity that is not there).
+        window = self._drained
+        window.append((now, rows, max(now - since, 1e-6)))
+        while len(window) > 1 and window[0][0] < now - self.config.drain_window_s:
+            window.popleft()
+        self._chips_per_s = sum(r for _, r, _ in window) / sum(t for _, _, t in window)
         metrics.QUEUE_DRAIN_RATE.set(self._chips_per_s)
 
     def _distribute(

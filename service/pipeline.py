@@ -19,7 +19,7 @@ import numpy as np
 
 from service import metrics
 from service.adapters import Adapter, ChipDetections, get_adapter, split_outputs
-from service.batch import Batcher, Priority, Submission
+from service.batch import Batcher, Priority, Reservation, Submission
 from service.crop import Normalizer
 from service.engines import Engine, EngineConfig, create_engine
 from service.errors import InvalidOptions
@@ -82,6 +82,7 @@ class _Route:
     deadline: float
     priority: Priority
     arrival: float | None
+    reservation: Reservation | None = None  # what the batcher's admission returned; the first submission uses it
 
 
 class Pipeline:
@@ -277,21 +278,23 @@ class Pipeline:
         deadline: float = math.inf,
         priority: Priority = "interactive",
         arrival: float | None = None,
+        reservation: Reservation | None = None,
     ) -> Result:
         """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane);
-        ``arrival`` (``time.monotonic()``) is when the request reached the service, for the queueing bound."""
+        ``arrival`` (``time.monotonic()``) is when the request reached the service, for the queueing bound;
+        ``reservation``, what ``batcher.admit`` returned for it (its first chips take its place)."""
         loop = asyncio.get_running_loop()
         focus = self.focus_config(options)
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
         prepared = await loop.run_in_executor(None, self.prepare, image, options)
         prepared.timings |= {"queue_wait": 0.0, "infer": 0.0}
-        route = _Route(batcher, deadline, priority, arrival)
+        route = _Route(batcher, deadline, priority, arrival, reservation)
         if focus is None:
             metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
             chip_dets, _ = await self._submit(route, prepared, prepared.plan, prepared.threshold)
             done = time.monotonic()
             result = await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
-            batcher.note_finish(time.monotonic() - done)
+            batcher.note_finish(time.monotonic() - done, prepared.plan.num_chips)
             return result
         # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
         run = FocusRun(prepared.plan, focus, prepared.threshold)
@@ -303,7 +306,7 @@ class Pipeline:
             first = first and sub.num_chips == 0
         done = time.monotonic()
         result = await loop.run_in_executor(None, self.finish_focus, prepared, run, options)
-        batcher.note_finish(time.monotonic() - done)
+        batcher.note_finish(time.monotonic() - done, result.num_chips)
         metrics.CHIPS_PER_REQUEST.observe(result.num_chips)
         metrics.observe_focus(result.focus or [])
         return result
@@ -315,7 +318,7 @@ class Pipeline:
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
         want_focus = self.card.focus is not None and self.card.focus.output is not None
-        how = Submission(arrival=route.arrival, want_focus=want_focus, continuation=continuation)
+        how = Submission(route.arrival, want_focus, continuation, None if continuation else route.reservation)
         work = await route.batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
         chip_dets = await work.future
         for k in ("crop", "queue_wait", "infer"):

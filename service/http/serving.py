@@ -405,13 +405,18 @@ async def run_detection(
     async def run() -> tuple[np.ndarray, Result]:
         t = time.perf_counter()
         info = await run_in_threadpool(probe_image, data, settings.decode_config())
-        # refuse by time before decoding: under overload a refusal then costs a header probe, not a decode
-        batcher.admit(pipeline.admission_chips((info.width, info.height), options), deadline, priority, arrival)
-        async with state.pixels.reserve(pixel_cost(info, pipeline, options), deadline - time.monotonic()):
-            image = await run_in_threadpool(decode_image, data, settings.decode_config())
-            decode_s = time.perf_counter() - t
-            metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
-            result = await pipeline.detect_async(image, options, batcher, deadline, priority, arrival)
+        # refuse by time before decoding: under overload a refusal then costs a header probe, not a decode; the
+        # admitted request holds its place in the schedule while it decodes
+        chips = pipeline.admission_chips((info.width, info.height), options)
+        reservation = batcher.admit(chips, deadline, priority, arrival)
+        try:
+            async with state.pixels.reserve(pixel_cost(info, pipeline, options), deadline - time.monotonic()):
+                image = await run_in_threadpool(decode_image, data, settings.decode_config())
+                decode_s = time.perf_counter() - t
+                metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
+                result = await pipeline.detect_async(image, options, batcher, deadline, priority, arrival, reservation)
+        finally:
+            batcher.release(reservation)
         result.timings["decode"] = decode_s
         return image, result
 

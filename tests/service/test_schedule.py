@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from service.batch import Batcher, EdfSchedule, Submission
@@ -132,19 +132,28 @@ async def test_fair_admits_a_small_request_behind_a_backlog_that_fifo_refuses() 
 
 
 def test_drain_rate_is_chips_over_wall_clock_between_completions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chips over busy seconds of the recent window's batches together; a gap between batches counts unless the
+    queue was empty when the previous one completed."""
     engine = FakeEngine(max_batch=8)
-    b = make_batcher(engine, drain_smoothing=0.5)
+    b = make_batcher(engine, drain_window_s=1.0)
     clock = [100.0]
     monkeypatch.setattr("service.batch.time.monotonic", lambda: clock[0])
     b._account(8, started=99.9)  # first batch after idle: 8 chips in 0.1 s of its own
     assert b.drain_rate == pytest.approx(80.0)
     clock[0] = 100.2
     b._account(8, started=99.95)  # overlapped the previous batch: 8 chips since its completion (0.2 s)
-    assert b.drain_rate == pytest.approx(0.5 * 80 + 0.5 * 40)
-    assert b.estimated_wait(10) == pytest.approx(10 / 60)
+    assert b.drain_rate == pytest.approx(16 / 0.3)  # a ratio of sums, not the mean of 80 and 40
+    assert b.estimated_wait(10) == pytest.approx(10 / (16 / 0.3))
     clock[0] = 101.0
     b._account(6, started=100.9)  # after an idle gap: only its own 0.1 s counts
-    assert b.drain_rate == pytest.approx(0.5 * 60 + 0.5 * 60)
+    assert b.drain_rate == pytest.approx(22 / 0.4)
+    monkeypatch.setattr(b, "_queued", lambda: True)  # chips wait from here on
+    clock[0] = 101.1
+    b._account(6, started=101.0)  # completed with a backlog; the window drops the batches before 100.1
+    assert b.drain_rate == pytest.approx(20 / 0.4)
+    clock[0] = 101.5
+    b._account(6, started=101.4)  # the loop started it 0.3 s after the last completion: 6 chips in 0.4 s
+    assert b.drain_rate == pytest.approx(18 / 0.6)
 
 
 async def test_edf_targets_follow_the_requests_own_size() -> None:
@@ -193,12 +202,36 @@ async def test_admission_keeps_the_measured_merge_time_inside_the_bound() -> Non
         await measured(b)
         backlog = int(b.drain_rate * 0.5)  # about half a second of work ahead
         big = await b.submit(*work_for(backlog), threshold=0.5, how=Submission(continuation=True))
-        b.admit(4)  # fits: ~0.5 s of chips inside the 1 s bound
-        b.note_finish(0.8)  # replies are measured to take 0.8 s after the last chip
+        b.release(b.admit(4))  # fits: ~0.5 s of chips inside the 1 s bound
+        b.note_finish(0.8, 4)  # replies of 4-chip requests are measured to take 0.8 s after the last chip
         with pytest.raises(QueueFull, match="queueing bound") as info:
             b.admit(4)
         assert info.value.retry_after_s is not None and info.value.retry_after_s > 0
         big.future.cancel()
+    finally:
+        await b.stop()
+
+
+@pytest.mark.parametrize("schedule", ["edf", "fifo"])
+async def test_requests_admitted_while_decoding_hold_their_place(schedule: str) -> None:
+    """Admitted after the header probe, a request decodes before its chips are queued; meanwhile its reservation
+    counts, so two arriving together cannot both take the same room. Released (failed decode) or submitted (its
+    chips take its place), it no longer counts."""
+    engine = FakeEngine(max_batch=4, delay=0.02)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, max_queue_wait_s=1.0, schedule=schedule)
+    await b.start()
+    try:
+        await measured(b)
+        n = int(b.drain_rate * 0.6)  # 0.6 s of chips: one fits the 1 s bound, two do not
+        first = b.admit(n)
+        with pytest.raises(QueueFull):
+            b.admit(n)
+        b.release(first)  # it failed to decode
+        second = b.admit(n)
+        work = await b.submit(*work_for(n), threshold=0.5, how=Submission(reservation=second))
+        assert b.chips_ahead(1, math.inf, "interactive") <= n  # its chips, not its chips and its reservation
+        await work.future
+        b.release(second)  # already consumed: harmless
     finally:
         await b.stop()
 
@@ -224,7 +257,7 @@ async def test_a_deadline_too_short_even_for_an_empty_queue_is_504_not_503() -> 
 def _feasible(s: EdfSchedule, own: float, target: float, hard: float, wait: float) -> bool:
     """Reference for :meth:`EdfSchedule.retry_after`, written as a simulation: the newcomer sent ``wait`` later
     joins the queued requests (those not yet done by then) in target order and everyone's completion is
-    recomputed; admitted iff it is on time and nobody on time without it is late with it."""
+    recomputed; admitted iff it is on time and nobody behind it is late with it."""
     t = s.now + wait
     queued = [(float(tg), float(h), float(d)) for tg, h, d in zip(s.targets, s.hards, s.done, strict=True) if d > t]
     before = [q for q in queued if q[0] <= target + wait]
@@ -232,7 +265,7 @@ def _feasible(s: EdfSchedule, own: float, target: float, hard: float, wait: floa
     start = max(t, before[-1][2] if before else s.head)
     if start + own > hard + wait + 1e-12:
         return False
-    return all(not (d <= h < d + own) for _, h, d in behind)
+    return all(d + own <= h for _, h, d in behind)
 
 
 @settings(max_examples=200, deadline=None)
@@ -252,7 +285,29 @@ def test_retry_after_is_the_least_wait_that_would_be_admitted(
     hards = done + np.array([q[2] - 0.3 for q in queue])  # some already late, some at risk, some safe
     s = EdfSchedule(0.0, 0.1, np.array([q[0] for q in queue]), hards, done)
     hard = bound + own
+    assume(not _feasible(s, own, target, hard, 0.0))  # it is asked only of a refused newcomer
     wait = s.retry_after(own, target, hard)
+    assert wait > 0
     assert _feasible(s, own, target, hard, wait + 1e-9)
-    grid = np.arange(0.0, wait - 0.011, 0.005)
+    grid = np.arange(0.0, wait - 0.001, 0.005)
     assert not any(_feasible(s, own, target, hard, float(w)) for w in grid)
+
+
+def test_admission_plans_with_the_slowest_busy_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = FakeEngine(max_batch=8)
+    b = make_batcher(engine, drain_window_s=5.0)
+    clock = [100.0]
+    monkeypatch.setattr("service.batch.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(b, "_queued", lambda: True)  # backlogged throughout: every gap counts
+    assert b.admission_rate == 0.0
+    clock[0] = 100.05
+    b._account(8, started=100.0)
+    assert b.admission_rate == b.drain_rate  # no second is mostly busy yet: the window's rate
+    for k in range(1, 10):  # second 100: 10 batches of 8 chips in 0.1 s each (80 chips/s)
+        clock[0] = 100.05 + 0.1 * k
+        b._account(8, started=clock[0] - 0.1)
+    for k in range(1, 6):  # second 101: 5 batches of 8 chips in 0.2 s each (40 chips/s)
+        clock[0] = 100.95 + 0.2 * k
+        b._account(8, started=clock[0] - 0.2)
+    assert b.drain_rate == pytest.approx(120 / 1.95)
+    assert b.admission_rate == pytest.approx(40.0)

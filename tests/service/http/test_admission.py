@@ -22,7 +22,7 @@ from service.crop import Normalizer
 from service.engines.fake import FAKE_CARD, FakeEngine
 from service.errors import DeadlineExceeded, QueueFull
 from service.http.app import create_app
-from service.http.serving import run_detection
+from service.http.serving import batcher_of, run_detection
 from service.http.transport import BodyGuard, TransportConfig
 from service.options import DetectOptions
 from service.plan import LevelSpec, PlanConfig, plan
@@ -240,3 +240,16 @@ async def test_body_guard_stamps_arrival_before_the_body() -> None:
     guard = BodyGuard(app, TransportConfig())  # type: ignore[arg-type]
     await guard({"type": "http", "path": "/v1/detect", "headers": []}, receive, None)  # type: ignore[arg-type]
     assert seen["body"] - seen["arrival"] >= 0.04  # stamped before the upload, not after it
+
+
+def test_a_request_that_fails_after_admission_releases_its_place(client_for: Callable[..., TestClient]) -> None:
+    """A PNG whose header probes fine but whose pixels are cut off is admitted, then fails to decode (400): its
+    reservation in the schedule is released, not left to block later requests."""
+    client = client_for(FakeEngine())
+    data = png(640, 480)
+    for _ in range(3):
+        r = client.post("/v1/detect", content=data[: len(data) // 2], headers={"content-type": "image/png"})
+        assert r.status_code == 400, r.text
+    batcher = batcher_of(client.app.state.snipserve)  # type: ignore[attr-defined]
+    assert batcher.chips_ahead(1, float("inf"), "interactive") == 0
+    assert detect(client).status_code == 200  # type: ignore[attr-defined]

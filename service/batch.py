@@ -175,7 +175,7 @@ class _Slice:
 
 @dataclass(frozen=True)
 class EdfSchedule:
-    """A lane's projected ``edf`` schedule at the drain rate, without new arrivals: the queued requests in target
+    """A lane's projected ``edf`` schedule at a drain rate, without new arrivals: the queued requests in target
     order with their ``targets``, ``hards`` (hard deadlines) and projected completion times ``done`` (all
     ``float64 [m]``, ``time.monotonic()``), after ``head`` (when what runs or waits in higher lanes is done)."""
 
@@ -202,7 +202,7 @@ class EdfSchedule:
 
     def retry_after(self, own: float, target: float, hard: float) -> float:
         """The least wait after which the same newcomer would be admitted, its target and hard deadline moving with
-        the wait and the queue drained by it: complete by its hard deadline, pushing no one past theirs. Each
+        the wait and the queue drained by it: complete by its hard deadline, making no one late. Each
         insertion position holds for a range of waits (the wait moves the newcomer past queued targets); there the
         wait must also cover its own lateness and the at-risk requests behind it (until they complete)."""
         m = self.targets.size

@@ -75,14 +75,20 @@ class Prepared:
 
 
 @dataclass(frozen=True)
-class _Route:
-    """Where one request's chips go: the shared batcher, with the request's deadline, lane and arrival time."""
+class Route:
+    """How one request's chips go to the shared batcher: its deadline and lane, when it reached the service (for the
+    queueing bound), and what the batcher's admission returned for it (its first chips take that place)."""
 
+    deadline: float = math.inf  # time.monotonic()
+    priority: Priority = "interactive"
+    arrival: float | None = None  # time.monotonic()
+    reservation: Reservation | None = None
+
+
+@dataclass(frozen=True)
+class _Route:
     batcher: Batcher
-    deadline: float
-    priority: Priority
-    arrival: float | None
-    reservation: Reservation | None = None  # what the batcher's admission returned; the first submission uses it
+    request: Route
 
 
 class Pipeline:
@@ -275,23 +281,19 @@ class Pipeline:
         image: np.ndarray,
         options: DetectOptions,
         batcher: Batcher,
-        deadline: float = math.inf,
-        priority: Priority = "interactive",
-        arrival: float | None = None,
-        reservation: Reservation | None = None,
+        route: Route = Route(),
     ) -> Result:
-        """Same as :meth:`detect`, with inference through the shared ``batcher`` (in its ``priority`` lane);
-        ``arrival`` (``time.monotonic()``) is when the request reached the service, for the queueing bound;
-        ``reservation``, what ``batcher.admit`` returned for it (its first chips take its place)."""
+        """Same as :meth:`detect`, with inference through the shared ``batcher``, the request's chips going as
+        ``route`` says (deadline, lane, arrival, admission reservation)."""
         loop = asyncio.get_running_loop()
         focus = self.focus_config(options)
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
         prepared = await loop.run_in_executor(None, self.prepare, image, options)
         prepared.timings |= {"queue_wait": 0.0, "infer": 0.0}
-        route = _Route(batcher, deadline, priority, arrival, reservation)
+        to = _Route(batcher, route)
         if focus is None:
             metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
-            chip_dets, _ = await self._submit(route, prepared, prepared.plan, prepared.threshold)
+            chip_dets, _ = await self._submit(to, prepared, prepared.plan, prepared.threshold)
             done = time.monotonic()
             result = await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
             batcher.note_finish(time.monotonic() - done, prepared.plan.num_chips)
@@ -301,7 +303,7 @@ class Pipeline:
         first = True
         while (chips := run.next_chips()) is not None:
             sub = dataclasses.replace(prepared.plan, chips=chips)
-            dets, maps = await self._submit(route, prepared, sub, run.chip_threshold(), continuation=not first)
+            dets, maps = await self._submit(to, prepared, sub, run.chip_threshold(), continuation=not first)
             run.add(chips, dets, maps)
             first = first and sub.num_chips == 0
         done = time.monotonic()
@@ -312,14 +314,15 @@ class Pipeline:
         return result
 
     async def _submit(
-        self, route: _Route, prepared: Prepared, plan: ChipPlan, threshold: float, continuation: bool = False
+        self, to: _Route, prepared: Prepared, plan: ChipPlan, threshold: float, continuation: bool = False
     ) -> tuple[ChipDetections, np.ndarray | None]:
         """``plan``'s chips through the batcher; their detections and (focus-head models) focus maps."""
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
         want_focus = self.card.focus is not None and self.card.focus.output is not None
-        how = Submission(route.arrival, want_focus, continuation, None if continuation else route.reservation)
-        work = await route.batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
+        r = to.request
+        how = Submission(r.arrival, want_focus, continuation, None if continuation else r.reservation)
+        work = await to.batcher.submit(plan, prepared.level_images, threshold, r.deadline, r.priority, how)
         chip_dets = await work.future
         for k in ("crop", "queue_wait", "infer"):
             prepared.timings[k] += work.timings[k]

@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     edf_stretch: float = from_config(BatcherConfig, "edf_stretch")
     edf_slack_s: float = from_config(BatcherConfig, "edf_slack_s")
     max_queue_wait_s: float | None = from_config(BatcherConfig, "max_queue_wait_s")
+    drain_window_s: float = from_config(BatcherConfig, "drain_window_s")
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")

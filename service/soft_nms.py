@@ -139,9 +139,9 @@ def _soft_nms_sparse(
     A box that does not overlap the selected one is multiplied by ``f(0) == 1`` (exactly, for every
     method), so only graph neighbours change, and a box without neighbours keeps its own score. The decay
     factor of every overlapping pair is computed once, vectorised. For the rest, a heap keyed
-    ``(-score, index)`` gives the highest current score with the lowest index on ties; entries made stale by
-    later decays are skipped. Each box's score is multiplied by the same factors in the same order as in the
-    dense loop.
+    ``(-score, index)`` gives the highest current score with the lowest index on ties: a decay does not touch
+    the heap; an entry found stale when popped goes back in at its box's current score (lazy decrease-key).
+    Each box's score is multiplied by the same factors in the same order as in the dense loop.
 
     Selection order is ``(-kept score, index)``: scores only decrease, so when a box is selected every box
     still a candidate has a current score -- hence a kept score -- no higher, and an equal one only with a
@@ -162,8 +162,11 @@ def _soft_nms_sparse(
     keep: list[int] = []
     while heap:
         neg, k = heapq.heappop(heap)
-        if not alive[k] or -neg != cur[k]:
-            continue  # selected, dropped, or decayed since this entry was pushed
+        if not alive[k]:
+            continue  # selected or dropped
+        if -neg != cur[k]:  # decayed since it was pushed: back in at its current score (scores only fall, so a
+            heapq.heappush(heap, (-cur[k], k))  # key is never below its box's score and the top is exact once fresh)
+            continue
         keep.append(k)
         alive[k] = False
         lo, hi = indptr[k], indptr[k + 1]
@@ -173,11 +176,7 @@ def _soft_nms_sparse(
         if nb.size == 0:
             continue
         cur[nb] = cur[nb] * f
-        low = cur[nb] < score_threshold
-        alive[nb[low]] = False
-        nb = nb[~low]
-        for score, j in zip((-cur[nb]).tolist(), nb.tolist(), strict=True):
-            heapq.heappush(heap, (score, j))
+        alive[nb[cur[nb] < score_threshold]] = False
     chosen = np.concatenate([np.asarray(keep, np.int64), np.flatnonzero(indptr[1:] == indptr[:-1])])
     order = np.lexsort((chosen, -cur[chosen]))
     return chosen[order], cur[chosen[order]]

@@ -110,8 +110,7 @@ def detect_router() -> APIRouter:
         data, params = await read_image_and_params(request, state.settings.max_image_bytes)
         options = parse_options(params, pipeline)
         with in_flight(state):
-            arrival = getattr(request.state, "arrival", None)  # stamped by BodyGuard before the body was read
-            image, result = await run_detection(state, data, options, timeout, request, arrival=arrival)
+            image, result = await run_detection(state, data, options, timeout, request)
         result.timings["total"] = time.perf_counter() - t0
         if format == "coco":
             return JSONResponse(coco_results(result, image_id=params.get("image_id", 0)))

@@ -36,7 +36,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.options import DetectOptions
-from service.pipeline import Pipeline, Result
+from service.pipeline import Pipeline, Result, Route
 from service.plan import PlanError, plan
 from service.response import detection_response
 from service.settings import Settings
@@ -383,12 +383,11 @@ async def run_detection(
     timeout: float | None = None,
     request: Request | None = None,
     priority: Priority = "interactive",
-    arrival: float | None = None,
 ) -> tuple[np.ndarray, Result]:
     """Decode ``data`` and detect, through the shared batcher, within the request's deadline.
 
-    The deadline (``timeout``, capped by the server's) and the queueing bound count from ``arrival``
-    (``time.monotonic()`` when the request reached the service; default: now).
+    The deadline (``timeout``, capped by the server's) and the queueing bound count from the request's arrival:
+    ``request.state.arrival``, stamped by the transport middleware before the body was read (else now).
 
     The shared entry point of every route (``/v1/detect``, batch, stream). With ``request``, a client
     disconnect cancels the work and drops its queued chips. Records stage metrics. Streaming and batch
@@ -399,7 +398,8 @@ async def run_detection(
     pipeline, batcher = pipeline_of(state), batcher_of(state)
     budget = min(timeout or math.inf, settings.request_timeout_s)
     now = time.monotonic()
-    arrival = now if arrival is None else min(arrival, now)
+    stamped = getattr(request.state, "arrival", None) if request is not None else None
+    arrival = now if stamped is None else min(stamped, now)
     deadline = arrival + budget
 
     async def run() -> tuple[np.ndarray, Result]:
@@ -414,7 +414,8 @@ async def run_detection(
                 image = await run_in_threadpool(decode_image, data, settings.decode_config())
                 decode_s = time.perf_counter() - t
                 metrics.INPUT_MEGAPIXELS.observe(image.shape[0] * image.shape[1] / 1e6)
-                result = await pipeline.detect_async(image, options, batcher, deadline, priority, arrival, reservation)
+                route = Route(deadline, priority, arrival, reservation)
+                result = await pipeline.detect_async(image, options, batcher, route)
         finally:
             batcher.release(reservation)
         result.timings["decode"] = decode_s

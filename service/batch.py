@@ -320,7 +320,6 @@ class Batcher:
             retry_s = (self._pending + n) / max(self._chips_per_s, 1.0)
             raise QueueFull(
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
-                headers={"Retry-After": str(max(1, math.ceil(retry_s)))},
                 retry_after_s=retry_s,
             )
         target, hard, by_bound = self._targets(n, deadline, how.arrival)
@@ -444,7 +443,7 @@ class Batcher:
         if rate <= 0:
             return
         now = time.monotonic()
-        schedule = self._edf_schedule(priority, now) if self.config.schedule == "edf" else None
+        schedule = self._edf_schedule(priority, now, rate) if self.config.schedule == "edf" else None
         if schedule is not None:
             own_done, late_until = schedule.check(n / rate, target)
         else:
@@ -469,14 +468,12 @@ class Batcher:
             what = "the deadlines of requests it would delay"
         raise QueueFull(
             f"estimated completion in {own_done - now:.1f} s ({n} chips at {rate:.0f} chips/s) would miss {what}",
-            headers={"Retry-After": str(max(1, math.ceil(retry_s)))},
             retry_after_s=retry_s,
         )
 
-    def _edf_schedule(self, priority: Priority, now: float) -> EdfSchedule:
-        """The lane's projected schedule in target order at the drain rate, after what runs or is queued in
-        higher lanes, at the admission rate."""
-        rate = self.admission_rate
+    def _edf_schedule(self, priority: Priority, now: float, rate: float) -> EdfSchedule:
+        """The lane's projected schedule in target order at ``rate`` chips/s, after what runs or is queued in
+        higher lanes."""
         head = now + sum(s.stop - s.start for b in self._running for s in b) / rate
         for lane_priority in PRIORITIES:  # higher lanes are served first
             if lane_priority == priority:
@@ -657,12 +654,4 @@ class Batcher:
             work.timings["infer"] += infer_s
             work.done += n
             if work.done == work.plan.num_chips:
-                parts = work.parts
-                work.future.set_result(
-                    ChipDetections(
-                        np.concatenate([p.chip for p in parts]),
-                        np.concatenate([p.boxes for p in parts]),
-                        np.concatenate([p.scores for p in parts]),
-                        np.concatenate([p.classes for p in parts]),
-                    )
-                )
+                work.future.set_result(ChipDetections.concat(work.parts))

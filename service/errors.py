@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class SnipserveError(Exception):
     """Base class. ``status`` is the HTTP status; ``code`` a stable machine-readable name."""
@@ -14,9 +16,12 @@ class SnipserveError(Exception):
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
-        # the precise retry hint (seconds, sub-second) behind a whole-second Retry-After header; in the error body
+        self.headers = dict(headers or {})
+        # the precise retry hint (seconds, sub-second) in the error body, behind the whole-second Retry-After header
+        # (at least 1, as HTTP has it) that it sets unless one was given
         self.retry_after_s = retry_after_s
+        if retry_after_s is not None:
+            self.headers.setdefault("Retry-After", str(max(1, math.ceil(retry_after_s))))
 
 
 class BadRequest(SnipserveError):

@@ -85,12 +85,6 @@ class Route:
     reservation: Reservation | None = None
 
 
-@dataclass(frozen=True)
-class _Route:
-    batcher: Batcher
-    request: Route
-
-
 class Pipeline:
     """Stages bound to one engine and its model card. Thread-safe: holds no per-request state."""
 
@@ -290,10 +284,9 @@ class Pipeline:
         # Resizing and merging are CPU work on large arrays: keep them off the event loop.
         prepared = await loop.run_in_executor(None, self.prepare, image, options)
         prepared.timings |= {"queue_wait": 0.0, "infer": 0.0}
-        to = _Route(batcher, route)
         if focus is None:
             metrics.CHIPS_PER_REQUEST.observe(prepared.plan.num_chips)
-            chip_dets, _ = await self._submit(to, prepared, prepared.plan, prepared.threshold)
+            chip_dets, _ = await self._submit(batcher, route, prepared, prepared.plan, prepared.threshold)
             done = time.monotonic()
             result = await loop.run_in_executor(None, self.finish, prepared, chip_dets, options)
             batcher.note_finish(time.monotonic() - done, prepared.plan.num_chips)
@@ -303,7 +296,7 @@ class Pipeline:
         first = True
         while (chips := run.next_chips()) is not None:
             sub = dataclasses.replace(prepared.plan, chips=chips)
-            dets, maps = await self._submit(to, prepared, sub, run.chip_threshold(), continuation=not first)
+            dets, maps = await self._submit(batcher, route, prepared, sub, run.chip_threshold(), not first)
             run.add(chips, dets, maps)
             first = first and sub.num_chips == 0
         done = time.monotonic()
@@ -314,15 +307,21 @@ class Pipeline:
         return result
 
     async def _submit(
-        self, to: _Route, prepared: Prepared, plan: ChipPlan, threshold: float, continuation: bool = False
+        self,
+        batcher: Batcher,
+        route: Route,
+        prepared: Prepared,
+        plan: ChipPlan,
+        threshold: float,
+        continuation: bool = False,
     ) -> tuple[ChipDetections, np.ndarray | None]:
-        """``plan``'s chips through the batcher; their detections and (focus-head models) focus maps."""
+        """``plan``'s chips through ``batcher`` as ``route`` says; their detections and (focus-head models) focus
+        maps. ``continuation``: a later part of the request (a focus run's finer level)."""
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
         want_focus = self.card.focus is not None and self.card.focus.output is not None
-        r = to.request
-        how = Submission(r.arrival, want_focus, continuation, None if continuation else r.reservation)
-        work = await to.batcher.submit(plan, prepared.level_images, threshold, r.deadline, r.priority, how)
+        how = Submission(route.arrival, want_focus, continuation, None if continuation else route.reservation)
+        work = await batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
         chip_dets = await work.future
         for k in ("crop", "queue_wait", "infer"):
             prepared.timings[k] += work.timings[k]

@@ -21,16 +21,22 @@ Method = Literal["gaussian", "linear", "hard"]
 _METHODS = ("gaussian", "linear", "hard")
 
 
-def box_iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``box`` ``[4]`` with ``boxes`` ``[N, 4]`` (xyxy, float64 or float32) -> ``float64 [N]``."""
-    iw = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
-    ih = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
+def iou_pairs(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """IoU of the row pairs ``(p[e], q[e])``: ``p``, ``q`` ``[E, 4]`` xyxy (either may be ``[1, 4]``, broadcast),
+    float64 or float32 -> ``[E]``. Symmetric in the pair, bit for bit (``min``, ``max`` and ``+`` commute)."""
+    iw = np.minimum(p[:, 2], q[:, 2]) - np.maximum(p[:, 0], q[:, 0])
+    ih = np.minimum(p[:, 3], q[:, 3]) - np.maximum(p[:, 1], q[:, 1])
     inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area_a = (box[2] - box[0]) * (box[3] - box[1])
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area_a + area_b - inter
+    area_p = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])
+    area_q = (q[:, 2] - q[:, 0]) * (q[:, 3] - q[:, 1])
+    union = area_p + area_q - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def box_iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one ``box`` ``[4]`` with ``boxes`` ``[N, 4]`` (xyxy, float64 or float32) -> ``float64 [N]``."""
+    return iou_pairs(box[None, :], boxes)
 
 
 def decay(iou: np.ndarray, method: Method, sigma: float, iou_threshold: float) -> np.ndarray:
@@ -118,19 +124,6 @@ def overlap_pairs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([src, dst]), np.concatenate([dst, src])
 
 
-def pair_iou(b: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """IoU of the box pairs ``(src[e], dst[e])`` of ``b`` ``[M, 4]`` -> ``float64 [E]``: elementwise the same
-    operations as :func:`box_iou_one`, so the same values bit for bit (the formula is symmetric in the pair)."""
-    p, q = b[src], b[dst]
-    iw = np.minimum(p[:, 2], q[:, 2]) - np.maximum(p[:, 0], q[:, 0])
-    ih = np.minimum(p[:, 3], q[:, 3]) - np.maximum(p[:, 1], q[:, 1])
-    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area[src] + area[dst] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
 def _soft_nms_sparse(
     b: np.ndarray, s: np.ndarray, method: Method, sigma: float, iou_threshold: float, score_threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +144,7 @@ def _soft_nms_sparse(
     src, dst = overlap_pairs(b)
     order = np.argsort(src, kind="stable")
     src, nbrs = src[order], dst[order]
-    factor = decay(pair_iou(b, src, nbrs), method, sigma, iou_threshold)
+    factor = decay(iou_pairs(b[src], b[nbrs]), method, sigma, iou_threshold)
     indptr = np.zeros(m + 1, np.int64)
     np.cumsum(np.bincount(src, minlength=m), out=indptr[1:])
     linked = np.flatnonzero(indptr[1:] > indptr[:-1])

@@ -49,6 +49,11 @@ class SamplerConfig(BaseModel):
     )
     neg_min_hits: int = Field(default=2, ge=1, description="A negative chip must contain this many false detections.")
     neg_max_per_level: int = Field(default=2, ge=0, description="At most this many negative chips per image and level.")
+    regress_ignore: bool = Field(
+        default=False,
+        description="Ignore regions (class -1) get box-regression targets (their own box) but still no class loss: "
+        "a detection there then takes the region's size, which evaluation ignores, instead of an arbitrary one.",
+    )
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def chip_labels(
 
 
 def build_targets(
-    labels: ChipLabels, chip: int, num_classes: int, alpha: float = 0.54
+    labels: ChipLabels, chip: int, num_classes: int, alpha: float = 0.54, regress_ignore: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """TTFNet-style dense targets for one chip at stride 4.
 
@@ -173,6 +178,7 @@ def build_targets(
     cell), ``weight`` ``float32 [H, W]`` (0 inside ignore regions, else 1; positives override ignores),
     ``reg`` ``float32 [4, H, W]`` (target box xyxy, chip px) and ``reg_weight`` ``float32 [H, W]`` (Gaussian
     inside the box, normalised per object to ``log(area)`` as TTFNet does). ``H = W = chip / 4``.
+    ``regress_ignore``: ignore regions (class -1) get regression targets too (positives win shared cells).
     """
     n = chip // STRIDE
     heat = np.zeros((num_classes, n, n), np.float32)
@@ -184,9 +190,11 @@ def build_targets(
         x1, y1 = int(math.floor(b[i, 0])), int(math.floor(b[i, 1]))
         x2, y2 = int(math.ceil(b[i, 2])), int(math.ceil(b[i, 3]))
         weight[max(y1, 0) : min(y2, n), max(x1, 0) : min(x2, n)] = 0.0
-    pos = np.flatnonzero(labels.positive)
+    painted = labels.positive | (regress_ignore & (labels.classes < 0))
+    pos = np.flatnonzero(painted)
     areas = (labels.boxes[pos, 2] - labels.boxes[pos, 0]) * (labels.boxes[pos, 3] - labels.boxes[pos, 1])
-    for i in pos[np.argsort(-areas)]:  # large first, so small objects win shared cells
+    # ignore regions first, then positives large first: later ones win shared cells (small objects over large)
+    for i in pos[np.lexsort((-areas, labels.positive[pos]))]:
         x1, y1, x2, y2 = b[i]
         cx = min(int((x1 + x2) / 2), n - 1)
         cy = min(int((y1 + y2) / 2), n - 1)
@@ -199,11 +207,12 @@ def build_targets(
         gx = np.exp(-((np.arange(xa, xb) - cx) ** 2) / (2 * sx * sx))
         gy = np.exp(-((np.arange(ya, yb) - cy) ** 2) / (2 * sy * sy))
         g = gy[:, None] * gx[None, :]  # [h, w]
-        k = labels.classes[i]
-        heat[k, ya:yb, xa:xb] = np.maximum(heat[k, ya:yb, xa:xb], g)
-        heat[k, cy, cx] = 1.0
-        weight[ya:yb, xa:xb][g > 0.01] = 1.0
-        weight[cy, cx] = 1.0
+        if labels.positive[i]:
+            k = labels.classes[i]
+            heat[k, ya:yb, xa:xb] = np.maximum(heat[k, ya:yb, xa:xb], g)
+            heat[k, cy, cx] = 1.0
+            weight[ya:yb, xa:xb][g > 0.01] = 1.0
+            weight[cy, cx] = 1.0
         m = g > 0.1  # regression only near the centre
         m[cy - ya, cx - xa] = True
         gm = np.where(m, g, 0.0)

@@ -255,7 +255,12 @@ def build_positive_pool(
                 chip, _, _ = crop_chip(limg, x0, y0, sc.chip_size)
                 labels = chip_labels(lv, x0, y0, boxes, classes, sc)
                 src = source_of[i] if source_of is not None else 0
-                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "pos", src)
+                pool.add(
+                    chip,
+                    build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore),
+                    "pos",
+                    src,
+                )
     return pool, corners_all
 
 
@@ -360,7 +365,12 @@ def mine_negatives(
             for x0, y0 in negative_chips(lv, d, boxes, corners_all[i][lv.index], sc).tolist():
                 chip, _, _ = crop_chip(limgs[lv.index], x0, y0, sc.chip_size)
                 labels = chip_labels(lv, x0, y0, boxes, classes, sc)
-                pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg", int(src[i]))
+                pool.add(
+                    chip,
+                    build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore),
+                    "neg",
+                    int(src[i]),
+                )
                 found.append((i, lv.index, x0, y0))
     return found
 
@@ -647,7 +657,12 @@ def _re_add_negatives(
             lv = levels[lvl]
             chip, _, _ = crop_chip(resize_level(img, lv), x0, y0, sc.chip_size)
             labels = chip_labels(lv, x0, y0, boxes, classes, sc)
-            pool.add(chip, build_targets(labels, sc.chip_size, cfg.net.num_classes), "neg", source_of[i])
+            pool.add(
+                chip,
+                build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore),
+                "neg",
+                source_of[i],
+            )
 
 
 def _save(

@@ -90,6 +90,22 @@ def test_invalid_boxes_are_ignored_not_negative() -> None:
     assert weight[28, 4] == 1.0 and heat[:, 28, 4].max() == 0.0
 
 
+def test_ignore_regions_regress_without_class_loss_when_asked() -> None:
+    # a positive (class 0) and an ignore region (class -1, e.g. a boat on a lift) and an out-of-range box
+    boxes = np.array([[10, 10, 40, 40], [60, 60, 100, 90], [0, 100, 30, 126]], np.float32)
+    labels = ChipLabels(boxes, np.array([0, -1, 1], np.int32), np.array([True, False, False]))
+    plain = build_targets(labels, 128, 3)
+    heat, weight, reg, reg_w = build_targets(labels, 128, 3, regress_ignore=True)
+    assert np.array_equal(heat, plain[0]) and np.array_equal(weight, plain[1])  # classification unchanged
+    cy, cx = 75 // STRIDE, 80 // STRIDE  # the ignore region's centre cell: its own box as regression target
+    assert plain[3][cy, cx] == 0.0 and reg_w[cy, cx] > 0 and reg[:, cy, cx].tolist() == [60, 60, 100, 90]
+    assert weight[cy, cx] == 0.0
+    oy, ox = 113 // STRIDE, 15 // STRIDE  # an out-of-range object (class >= 0) stays ignored for both
+    assert reg_w[oy, ox] == 0.0
+    # the positive keeps its own targets
+    assert np.array_equal(reg[:, 25 // STRIDE, 25 // STRIDE], plain[2][:, 25 // STRIDE, 25 // STRIDE])
+
+
 def test_box_mostly_cut_by_chip_is_ignored() -> None:
     cfg = SamplerConfig(chip_size=128, min_visible=0.6)
     boxes = np.array([[100, 10, 150, 40], [110, 50, 130, 70]], np.float32)  # 56% inside / 90% inside

@@ -110,7 +110,8 @@ class BatcherConfig(BaseModel):
 class Reservation:
     """A request admitted by :meth:`Batcher.admit` (after the header probe) whose chips are not queued yet (it is
     decoding, or waiting for the pixel budget): admission by time counts it as if queued, so requests decoding at
-    the same time cannot all be admitted into the same room. Its submission (or :meth:`Batcher.release`) ends it."""
+    the same time cannot all be admitted into the same room. Its submissions take their chips out of it (a focus run
+    reserves its whole pyramid and submits level by level); the last one, or :meth:`Batcher.release`, ends it."""
 
     n: int
     target: float
@@ -130,7 +131,11 @@ class Submission:
     arrival: float | None = None  # time.monotonic() when the request reached the service (the bound counts from it)
     want_focus: bool = False  # keep the chips' focus maps (models with a focus head) in ``ChipWork.focus``
     continuation: bool = False  # a later part of an admitted request (a focus run's finer level): no time check
-    reservation: Reservation | None = None  # what ``admit`` returned for this request: these chips replace it
+    reservation: Reservation | None = None  # what ``admit`` returned for this request: these chips take its place
+    # edf: the chips the request's target is sized by (None: these chips). A focus run sizes each level by its whole
+    # pyramid, so a large image's levels, queued one after another, keep a large image's target and do not pass
+    # smaller requests because each level alone is small.
+    target_chips: int | None = None
 
 
 NEW_REQUEST = Submission()
@@ -310,8 +315,10 @@ class Batcher:
         ``how``: see :class:`Submission`.
 
         Raises ``QueueFull`` if the chips do not fit the lane's budget, ``NotReady`` while shutting down."""
-        if how.reservation is not None:
-            self.release(how.reservation)
+        if how.reservation is not None:  # these chips take their place in it; a focus run's later levels take the rest
+            how.reservation.n = max(how.reservation.n - plan.num_chips, 0)
+            if how.reservation.n == 0:
+                self.release(how.reservation)
         if self._closing:
             raise NotReady("the service is shutting down")
         n = plan.num_chips
@@ -322,7 +329,7 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 retry_after_s=retry_s,
             )
-        target, hard, by_bound = self._targets(n, deadline, how.arrival)
+        target, hard, by_bound = self._targets(how.target_chips or n, deadline, how.arrival)
         if not how.continuation:
             self._admit_by_time(n, target, hard, priority, by_bound)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
@@ -360,6 +367,15 @@ class Batcher:
             b[1] += seconds
         busy = [chips / seconds for chips, seconds in buckets.values() if seconds >= 0.5]
         return min(busy) if busy else self._chips_per_s
+
+    def projected_s(self, n: int, deadline: float, priority: Priority, arrival: float | None = None) -> float | None:
+        """Seconds until a new request of ``n`` chips would complete on the lane's schedule (its target and the
+        chips served before it, at the admission rate); None before the first batch has measured a rate."""
+        rate = self.admission_rate
+        if rate <= 0:
+            return None
+        target, _, _ = self._targets(n, deadline, arrival)
+        return (self.chips_ahead(n, target, priority) + n) / rate
 
     def note_finish(self, seconds: float, chips: int = 1) -> None:
         """A request of ``chips`` chips took ``seconds`` from its last chip to its reply (postprocess, merge):

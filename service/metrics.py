@@ -100,6 +100,11 @@ QUEUE_ESTIMATED_WAIT = Gauge(
 QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)
 IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
 REJECTIONS = Counter("snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY)
+BROWNOUTS = Counter(
+    "snipserve_brownouts",
+    "Requests for the default pyramid run as 'focus' under load (SNIPSERVE_BROWNOUT_WAIT_S).",
+    registry=REGISTRY,
+)
 ENGINE_ERRORS = Counter("snipserve_engine_errors", "Engine calls that raised or timed out.", registry=REGISTRY)
 DETECTIONS_PER_IMAGE = Histogram(
     "snipserve_detections_per_image",

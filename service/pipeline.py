@@ -8,6 +8,7 @@ runs the same stages with inference through the shared dynamic :class:`~service.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import time
@@ -74,6 +75,9 @@ class Prepared:
     timings: dict[str, float]
 
 
+FOCUS_SHARE_WINDOW = 64  # recent focus runs whose share of their pyramid's chips admission plans with
+
+
 @dataclass(frozen=True)
 class Route:
     """How one request's chips go to the shared batcher: its deadline and lane, when it reached the service (for the
@@ -106,6 +110,8 @@ class Pipeline:
         self.staging: Staging = select_staging(engine, self.norm, preprocess)
         require_gpu(soft_nms)  # an explicit GPU soft-NMS that cannot run fails here, at startup
         self.soft_nms = soft_nms
+        # chips run / pyramid chips of recent focus runs: admission reserves a focus request's expected share
+        self._focus_shares: collections.deque[float] = collections.deque(maxlen=FOCUS_SHARE_WINDOW)
 
     @classmethod
     def load(
@@ -148,6 +154,16 @@ class Pipeline:
             max_chips=self.max_chips,
         )
 
+    def brownout_options(self, options: DetectOptions) -> DetectOptions | None:
+        """The 'focus' variant of a request that runs the card's default pyramid (preset 'default', no explicit
+        levels or object sizes), for brownout under load; None for any other request (it keeps what it asked)."""
+        explicit = options.levels is not None or options.min_object_size is not None
+        if explicit or options.max_object_size is not None or options.preset != "default":
+            return None
+        if self.card.is_focus("default"):
+            return None
+        return options.model_copy(update={"preset": "focus"})
+
     def focus_config(self, options: DetectOptions) -> FocusConfig | None:
         """FocusChips settings when ``options`` ask for the focus mode (preset 'focus', or 'default' on a card whose
         default mode is focus), else None. Models without a focus head use the detection fallback."""
@@ -176,14 +192,19 @@ class Pipeline:
         return self.card.score_threshold if options.score_threshold is None else options.score_threshold
 
     def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> int:
-        """Chips a request will submit first (all of them; a focus run's coarsest level), from the image size only."""
+        """Chips admission counts for a request, from the image size only: its pyramid's, or for a focus run the
+        share of it that recent focus runs used (their mean: a queue holds many requests, and what the schedule needs
+        right is their sum; the whole pyramid until 8 have run). Its
+        levels are queued one by one without a time check of their own, so admission reserves them up front; each
+        level's chips then take their place in the reservation."""
         try:
             chip_plan = plan(image_size, self.plan_config(options))
         except (PlanError, ValueError) as exc:
             raise InvalidOptions(str(exc)) from exc
-        if self.focus_config(options) is None:
+        if self.focus_config(options) is None or len(self._focus_shares) < 8:
             return chip_plan.num_chips
-        return int((chip_plan.chips[:, 0] == len(chip_plan.levels) - 1).sum())
+        share = float(np.mean(self._focus_shares))
+        return max(1, math.ceil(chip_plan.num_chips * min(share, 1.0)))
 
     def check_classes(self, options: DetectOptions) -> None:
         if options.classes is not None:
@@ -304,6 +325,7 @@ class Pipeline:
         batcher.note_finish(time.monotonic() - done, result.num_chips)
         metrics.CHIPS_PER_REQUEST.observe(result.num_chips)
         metrics.observe_focus(result.focus or [])
+        self._focus_shares.append(result.num_chips / max(prepared.plan.num_chips, 1))
         return result
 
     async def _submit(
@@ -320,7 +342,7 @@ class Pipeline:
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
         want_focus = self.card.focus is not None and self.card.focus.output is not None
-        how = Submission(route.arrival, want_focus, continuation, None if continuation else route.reservation)
+        how = Submission(route.arrival, want_focus, continuation, route.reservation, prepared.plan.num_chips)
         work = await batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
         chip_dets = await work.future
         for k in ("crop", "queue_wait", "infer"):

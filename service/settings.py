@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     edf_slack_s: float = from_config(BatcherConfig, "edf_slack_s")
     max_queue_wait_s: float | None = from_config(BatcherConfig, "max_queue_wait_s")
     drain_window_s: float = from_config(BatcherConfig, "drain_window_s")
+    brownout_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Brownout: while the queued work would take longer than this at the measured drain rate, a "
+        "request for the model's default pyramid runs the 'focus' preset instead (about 3x fewer chips; the response "
+        "says mode 'focus'); unset: never.",
+    )
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")
     request_timeout_s: float = Field(default=60.0, gt=0, description="Default per-request deadline (504 past it).")

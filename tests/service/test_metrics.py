@@ -53,6 +53,7 @@ EXPECTED_FAMILIES = {
     "snipserve_queue_wait_seconds",
     "snipserve_inference_seconds",
     "snipserve_focus_chips",
+    "snipserve_brownouts",
     "snipserve_focus_area_ratio",
     "snipserve_ready",
     "snipserve_model_info",

@@ -7,6 +7,7 @@ must find every blob with far fewer chips than the pyramid, and with the same de
 from __future__ import annotations
 
 import asyncio
+import math
 
 import numpy as np
 import pytest
@@ -133,3 +134,27 @@ def test_focus_through_the_batcher_matches_the_synchronous_run() -> None:
         assert boxes(r) == boxes(sync) == boxes(full)
         assert r.focus == sync.focus
     assert {"queue_wait", "infer", "crop"} <= set(a.timings)
+
+
+def test_brownout_runs_focus_only_for_requests_of_the_default_pyramid() -> None:
+    pipe = pipeline(FAKE_FOCUS_CARD)
+    degraded = pipe.brownout_options(DetectOptions())
+    assert degraded is not None and degraded.preset == "focus" and pipe.focus_config(degraded) is not None
+    # what the client chose stays as asked
+    assert pipe.brownout_options(DetectOptions(preset="pyramid")) is None
+    assert pipe.brownout_options(DetectOptions(levels=LEVELS)) is None
+    assert pipe.brownout_options(DetectOptions(min_object_size=10)) is None
+    focus_card = FAKE_FOCUS_CARD.model_copy(update={"default_mode": "focus"})
+    assert pipeline(focus_card).brownout_options(DetectOptions()) is None  # its default already is focus
+
+
+def test_admission_reserves_a_focus_run_by_the_share_recent_runs_used() -> None:
+    pipe = pipeline(FAKE_FOCUS_CARD)
+    size = (900, 700)
+    full = pipe.admission_chips(size, DetectOptions())
+    assert pipe.admission_chips(size, DetectOptions(preset="focus")) == full  # nothing measured yet: all of it
+    for _ in range(8):
+        pipe.detect(scene(), DetectOptions(preset="focus"))  # the synchronous path does not record shares
+    assert pipe.admission_chips(size, DetectOptions(preset="focus")) == full
+    pipe._focus_shares.extend([0.25] * 8)
+    assert pipe.admission_chips(size, DetectOptions(preset="focus")) == math.ceil(full * 0.25)

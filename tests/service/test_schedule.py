@@ -311,3 +311,26 @@ def test_admission_plans_with_the_slowest_busy_second(monkeypatch: pytest.Monkey
         b._account(8, started=clock[0] - 0.2)
     assert b.drain_rate == pytest.approx(120 / 1.95)
     assert b.admission_rate == pytest.approx(40.0)
+
+
+async def test_a_focus_run_reserves_its_levels_and_each_level_takes_its_share() -> None:
+    """A focus run is admitted for more chips than its first level and submits its levels one by one: each level's
+    chips come out of the reservation, which keeps counting the rest until the last (or a release) ends it."""
+    engine = FakeEngine(max_batch=4, delay=0.01)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="edf")
+    await b.start()
+    try:
+        await measured(b)
+        reservation = b.admit(10)
+        first = await b.submit(*work_for(4), threshold=0.5, how=Submission(reservation=reservation, target_chips=10))
+        assert reservation.n == 6 and reservation in b._reserved["interactive"]  # the finer levels still count
+        await first.future
+        rest = Submission(continuation=True, reservation=reservation, target_chips=10)
+        second = await b.submit(*work_for(6), threshold=0.5, how=rest)
+        assert reservation.n == 0 and reservation not in b._reserved["interactive"]
+        # edf sizes every level's target by the whole run: the same level alone, queued just after, gets an earlier one
+        alone = await b.submit(*work_for(6), threshold=0.5)
+        assert alone.target < second.target
+        await asyncio.gather(second.future, alone.future)
+    finally:
+        await b.stop()

@@ -190,11 +190,13 @@ def build_targets(
         x1, y1 = int(math.floor(b[i, 0])), int(math.floor(b[i, 1]))
         x2, y2 = int(math.ceil(b[i, 2])), int(math.ceil(b[i, 3]))
         weight[max(y1, 0) : min(y2, n), max(x1, 0) : min(x2, n)] = 0.0
-    painted = labels.positive | (regress_ignore & (labels.classes < 0))
-    pos = np.flatnonzero(painted)
-    areas = (labels.boxes[pos, 2] - labels.boxes[pos, 0]) * (labels.boxes[pos, 3] - labels.boxes[pos, 1])
+    # the boxes that get targets: positives, and with regress_ignore the ignore regions (regression only)
+    painted = np.flatnonzero(labels.positive | (regress_ignore & (labels.classes < 0)))
+    areas = (labels.boxes[painted, 2] - labels.boxes[painted, 0]) * (
+        labels.boxes[painted, 3] - labels.boxes[painted, 1]
+    )
     # ignore regions first, then positives large first: later ones win shared cells (small objects over large)
-    for i in pos[np.lexsort((-areas, labels.positive[pos]))]:
+    for i in painted[np.lexsort((-areas, labels.positive[painted]))]:
         x1, y1, x2, y2 = b[i]
         cx = min(int((x1 + x2) / 2), n - 1)
         cy = min(int((y1 + y2) / 2), n - 1)
@@ -216,7 +218,7 @@ def build_targets(
         m = g > 0.1  # regression only near the centre
         m[cy - ya, cx - xa] = True
         gm = np.where(m, g, 0.0)
-        gm = gm / gm.sum() * math.log(max(areas[np.flatnonzero(pos == i)[0]], 2.0))
+        gm = gm / gm.sum() * math.log(max(areas[np.flatnonzero(painted == i)[0]], 2.0))
         sub = reg_w[ya:yb, xa:xb]
         upd = gm > 0
         sub[upd] = gm[upd]

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.focus_labels import FocusStageConfig
 from models.net import STRIDE, NetConfig, TinyDet, load_weights
 from models.sniper import (
+    ChipLabels,
     SamplerConfig,
     build_targets,
     chip_labels,
@@ -229,6 +230,12 @@ def load_items(cfg: TrainConfig) -> tuple[list[Item], list[int]]:
     return items, source_of
 
 
+def chip_targets(labels: ChipLabels, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Dense targets of one chip's labels (``models.sniper.build_targets``) with the run's sampler and net settings."""
+    sc = cfg.sampler
+    return build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore)
+
+
 def build_positive_pool(
     items: list[Item], cfg: TrainConfig, progress: bool = True, source_of: list[int] | None = None
 ) -> tuple[ChipPool, list[list[np.ndarray]]]:
@@ -257,7 +264,7 @@ def build_positive_pool(
                 src = source_of[i] if source_of is not None else 0
                 pool.add(
                     chip,
-                    build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore),
+                    chip_targets(labels, cfg),
                     "pos",
                     src,
                 )
@@ -367,7 +374,7 @@ def mine_negatives(
                 labels = chip_labels(lv, x0, y0, boxes, classes, sc)
                 pool.add(
                     chip,
-                    build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore),
+                    chip_targets(labels, cfg),
                     "neg",
                     int(src[i]),
                 )
@@ -659,7 +666,7 @@ def _re_add_negatives(
             labels = chip_labels(lv, x0, y0, boxes, classes, sc)
             pool.add(
                 chip,
-                build_targets(labels, sc.chip_size, cfg.net.num_classes, regress_ignore=sc.regress_ignore),
+                chip_targets(labels, cfg),
                 "neg",
                 source_of[i],
             )

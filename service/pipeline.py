@@ -76,6 +76,12 @@ class Prepared:
 
 
 FOCUS_SHARE_WINDOW = 64  # recent focus runs whose share of their pyramid's chips admission plans with
+FOCUS_SHARE_MIN_RUNS = 8  # before this many have run, admission reserves a focus run's whole pyramid
+
+
+def _card_levels(options: DetectOptions) -> bool:
+    """Whether ``options`` run the levels of a card preset (no explicit levels or object sizes of their own)."""
+    return options.levels is None and options.min_object_size is None and options.max_object_size is None
 
 
 @dataclass(frozen=True)
@@ -157,18 +163,14 @@ class Pipeline:
     def brownout_options(self, options: DetectOptions) -> DetectOptions | None:
         """The 'focus' variant of a request that runs the card's default pyramid (preset 'default', no explicit
         levels or object sizes), for brownout under load; None for any other request (it keeps what it asked)."""
-        explicit = options.levels is not None or options.min_object_size is not None
-        if explicit or options.max_object_size is not None or options.preset != "default":
-            return None
-        if self.card.is_focus("default"):
+        if not _card_levels(options) or options.preset != "default" or self.card.is_focus("default"):
             return None
         return options.model_copy(update={"preset": "focus"})
 
     def focus_config(self, options: DetectOptions) -> FocusConfig | None:
         """FocusChips settings when ``options`` ask for the focus mode (preset 'focus', or 'default' on a card whose
         default mode is focus), else None. Models without a focus head use the detection fallback."""
-        focus = options.levels is None and options.min_object_size is None and options.max_object_size is None
-        focus = focus and self.card.is_focus(options.preset)
+        focus = _card_levels(options) and self.card.is_focus(options.preset)
         if not focus:
             if options.focus_threshold is not None:
                 raise InvalidOptions(
@@ -194,14 +196,14 @@ class Pipeline:
     def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> int:
         """Chips admission counts for a request, from the image size only: its pyramid's, or for a focus run the
         share of it that recent focus runs used (their mean: a queue holds many requests, and what the schedule needs
-        right is their sum; the whole pyramid until 8 have run). Its
-        levels are queued one by one without a time check of their own, so admission reserves them up front; each
-        level's chips then take their place in the reservation."""
+        right is their sum; the whole pyramid until ``FOCUS_SHARE_MIN_RUNS`` have run). A focus run's levels are
+        queued one by one without a time check of their own, so admission reserves them up front; each level's
+        chips then take their place in the reservation."""
         try:
             chip_plan = plan(image_size, self.plan_config(options))
         except (PlanError, ValueError) as exc:
             raise InvalidOptions(str(exc)) from exc
-        if self.focus_config(options) is None or len(self._focus_shares) < 8:
+        if self.focus_config(options) is None or len(self._focus_shares) < FOCUS_SHARE_MIN_RUNS:
             return chip_plan.num_chips
         share = float(np.mean(self._focus_shares))
         return max(1, math.ceil(chip_plan.num_chips * min(share, 1.0)))

@@ -93,9 +93,9 @@ class Settings(BaseSettings):
     brownout_wait_s: float | None = Field(
         default=None,
         gt=0,
-        description="Brownout: while the queued work would take longer than this at the measured drain rate, a "
-        "request for the model's default pyramid runs the 'focus' preset instead (about 3x fewer chips; the response "
-        "says mode 'focus'); unset: never.",
+        description="Brownout: a request for the model's default pyramid whose chips would complete later than this "
+        "on the current schedule (at the admission rate) runs the 'focus' preset instead (about 3x fewer chips; the "
+        "response says mode 'focus'); unset: never.",
     )
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")

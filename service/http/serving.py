@@ -376,22 +376,23 @@ def _leave(state: State, priority: Priority) -> None:
     state.slot_freed.set()
 
 
-def under_load(state: State, options: DetectOptions, size: tuple[int, int], route: Route) -> DetectOptions:
-    """Brownout (``SNIPSERVE_BROWNOUT_WAIT_S``): a request for the default pyramid whose chips would complete later
-    than the setting on the current schedule runs 'focus' instead -- under a size-aware schedule those are the large
+def under_load(state: State, options: DetectOptions, size: tuple[int, int], route: Route) -> tuple[DetectOptions, int]:
+    """The options a request runs with, and the chips admission counts for them (``Pipeline.admission_chips``).
+
+    Brownout (``SNIPSERVE_BROWNOUT_WAIT_S``): a request for the default pyramid whose chips would complete later than
+    the setting on the current schedule runs 'focus' instead -- under a size-aware schedule those are the large
     requests behind a queue, where shedding chips shortens everyone's wait. Others run as asked."""
-    limit = state.settings.brownout_wait_s
-    if limit is None:
-        return options
     pipeline, batcher = pipeline_of(state), batcher_of(state)
-    degraded = pipeline.brownout_options(options)
-    if degraded is None:
-        return options
-    wait = batcher.projected_s(pipeline.admission_chips(size, options), route.deadline, route.priority, route.arrival)
+    chips = pipeline.admission_chips(size, options)
+    limit = state.settings.brownout_wait_s
+    degraded = None if limit is None else pipeline.brownout_options(options)
+    if limit is None or degraded is None:
+        return options, chips
+    wait = batcher.projected_s(chips, route.deadline, route.priority, route.arrival)
     if wait is None or wait <= limit:
-        return options
+        return options, chips
     metrics.BROWNOUTS.inc()
-    return degraded
+    return degraded, pipeline.admission_chips(size, degraded)
 
 
 async def run_detection(
@@ -423,10 +424,9 @@ async def run_detection(
     async def run() -> tuple[np.ndarray, Result]:
         t = time.perf_counter()
         info = await run_in_threadpool(probe_image, data, settings.decode_config())
-        opts = under_load(state, options, (info.width, info.height), Route(deadline, priority, arrival))
+        opts, chips = under_load(state, options, (info.width, info.height), Route(deadline, priority, arrival))
         # refuse by time before decoding: under overload a refusal then costs a header probe, not a decode; the
         # admitted request holds its place in the schedule while it decodes
-        chips = pipeline.admission_chips((info.width, info.height), opts)
         reservation = batcher.admit(chips, deadline, priority, arrival)
         try:
             async with state.pixels.reserve(pixel_cost(info, pipeline, opts), deadline - time.monotonic()):

@@ -4,7 +4,8 @@ Against a running service: a closed-loop run measures capacity (images/s) for th
 Poisson runs at fractions of it (default 0.3, 0.5, 0.7, 0.9) and one overload run (default 3x). Per run it reports
 latency percentiles of admitted requests (overall and per image of the mix), the share refused, and for refusals
 (503) how ``Retry-After`` compares with the wait that was actually needed: the time from the refusal until the
-next request of the same image was admitted (an upper bound on the needed wait: arrivals sample it). For admitted
+next request of the same image was admitted (an upper bound on the needed wait: arrivals sample it), and whether
+the hint is within 2x of a wait between that and the last refusal of the same image before it. For admitted
 requests it also splits the latency by the response's own ``timings``: the handler's ``total`` (from the body read
 to the reply) and ``queue_wait``, and what lies outside the handler (connection, upload, HTTP parsing, response).
 
@@ -100,18 +101,40 @@ def _stats(lat: np.ndarray) -> dict[str, float | None]:
     }
 
 
-def _retry_ratios(rows: list[Row], col: int, warmup: float) -> np.ndarray:
-    """Per refusal after the warm-up: the retry hint in column ``col`` over the wait actually needed (until the
-    next admitted request of the same image was sent)."""
-    ratios = []
+def _retry_waits(rows: list[Row], col: int, warmup: float) -> np.ndarray:
+    """``float64 [n, 4]``, per refusal after the warm-up with a hint in column ``col``: (its image's index in the mix,
+    the hint, a lower and an upper bound of the wait actually needed). The upper bound is the time until the next
+    admitted request of the same image was sent; the lower bound the time until the last one refused before it (0
+    when none): arrivals sample the needed wait, so it lies between the two."""
+    waits = []
     for i, r in enumerate(rows):
         hint = r[col]
         if r[2] != 503 or hint is None or r[0] < warmup:
             continue
-        later = next((q[0] for q in rows[i + 1 :] if q[3] == r[3] and q[2] == 200), None)
-        if later is not None:
-            ratios.append(hint / max(later - r[0], 1e-3))
-    return np.asarray(ratios, np.float64)
+        lower = 0.0
+        for q in rows[i + 1 :]:
+            if q[3] != r[3]:
+                continue
+            if q[2] == 200:
+                waits.append((r[3], hint, lower, q[0] - r[0]))
+                break
+            lower = q[0] - r[0]
+    return np.asarray(waits, np.float64).reshape(-1, 4)
+
+
+def _retry_summary(waits: np.ndarray) -> dict[str, float]:
+    """The hint over the needed wait's upper bound (percentiles, share within 2x), and the share of hints within 2x of
+    some wait the bounds allow (the sampling of arrivals cannot tell those apart from exact ones)."""
+    _, hint, lower, upper = waits.T
+    ratios = hint / np.maximum(upper, 1e-3)
+    return {
+        "n": int(ratios.size),
+        "p10": round(percentile(ratios, 10), 2),
+        "p50": round(percentile(ratios, 50), 2),
+        "p90": round(percentile(ratios, 90), 2),
+        "share_within_2x": round(float(((ratios >= 0.5) & (ratios <= 2.0)).mean()), 3),
+        "share_within_2x_of_bounds": round(float(((upper >= hint / 2) & (lower < 2 * hint)).mean()), 3),
+    }
 
 
 def _split(rows: list[Row]) -> dict[str, dict[str, float | None]]:
@@ -147,13 +170,10 @@ def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, 
         "split_ms_by_image": {m.name: _split([r for r in kept if r[3] == k]) for k, m in enumerate(mix)},
     }
     for key, col in (("retry_after_over_needed", 4), ("retry_after_s_over_needed", 5)):
-        if (ratios := _retry_ratios(rows, col, warmup)).size:
-            out[key] = {
-                "n": int(ratios.size),
-                "p10": round(percentile(ratios, 10), 2),
-                "p50": round(percentile(ratios, 50), 2),
-                "p90": round(percentile(ratios, 90), 2),
-                "share_within_2x": round(float(((ratios >= 0.5) & (ratios <= 2.0)).mean()), 3),
+        if (waits := _retry_waits(rows, col, warmup)).size:
+            out[key] = _retry_summary(waits)
+            out[key + "_by_image"] = {
+                m.name: _retry_summary(waits[waits[:, 0] == k]) for k, m in enumerate(mix) if (waits[:, 0] == k).any()
             }
     return out
 

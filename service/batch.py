@@ -26,9 +26,10 @@ is the schedule's own: the lane in target order with the newcomer inserted must 
 deadline (the newcomer, and anyone it would push late, or later when the rate has fallen since they were admitted),
 so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the least wait after
 which the same request sent again would be admitted on that projected schedule (:class:`EdfSchedule`: its target
-and deadline move with the wait, the queue drains meanwhile). Under ``fair`` and ``fifo`` the newcomer's own
-estimated completion is checked, and the hint is its lateness. Requests admitted but still decoding hold a
-:class:`Reservation` and count as queued, so that many arriving at once cannot all be let into the same room.
+and deadline move with the wait, the queue drains meanwhile at the measured rate, faster than the admission rate).
+Under ``fair`` and ``fifo`` the newcomer's own estimated completion is checked, and the hint is its lateness.
+Requests admitted but still decoding hold a :class:`Reservation` and count as queued, so that many arriving at once
+cannot all be let into the same room; the reservation carries the request's target for all its submissions.
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ class Reservation:
     reserves its whole pyramid and submits level by level); the last one, or :meth:`Batcher.release`, ends it."""
 
     n: int
-    target: float
+    target: float  # the request's edf target and hard deadline, set once at admission: its submissions keep them
     hard: float
     priority: Priority
+    by_bound: bool = True  # the queueing bound, not the client's deadline, sets ``hard``
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -132,9 +134,9 @@ class Submission:
     want_focus: bool = False  # keep the chips' focus maps (models with a focus head) in ``ChipWork.focus``
     continuation: bool = False  # a later part of an admitted request (a focus run's finer level): no time check
     reservation: Reservation | None = None  # what ``admit`` returned for this request: these chips take its place
-    # edf: the chips the request's target is sized by (None: these chips). A focus run sizes each level by its whole
-    # pyramid, so a large image's levels, queued one after another, keep a large image's target and do not pass
-    # smaller requests because each level alone is small.
+    # edf, without a reservation (which carries the request's target): the chips the target is sized by (None:
+    # these chips). A focus run sizes each level by its whole pyramid, so a large image's levels, queued one after
+    # another, keep a large image's target and do not pass smaller requests because each level alone is small.
     target_chips: int | None = None
 
 
@@ -180,15 +182,21 @@ class _Slice:
 
 @dataclass(frozen=True)
 class EdfSchedule:
-    """A lane's projected ``edf`` schedule at a drain rate, without new arrivals: the queued requests in target
+    """A lane's projected ``edf`` schedule at the admission rate, without new arrivals: the queued requests in target
     order with their ``targets``, ``hards`` (hard deadlines) and projected completion times ``done`` (all
-    ``float64 [m]``, ``time.monotonic()``), after ``head`` (when what runs or waits in higher lanes is done)."""
+    ``float64 [m]``, ``time.monotonic()``), after ``head`` (when what runs or waits in higher lanes is done).
+
+    ``speedup``: the measured drain rate over the admission rate (>= 1). Admission plans at the slowest recent
+    second, so the queue usually drains faster than projected: each second of waiting takes ``speedup`` seconds of
+    projected work off the queue, and a queued request's projected completion moves ``speedup - 1`` seconds earlier.
+    Only :meth:`retry_after` uses it; :meth:`check` is the promise and keeps the admission rate."""
 
     now: float
     head: float
     targets: np.ndarray
     hards: np.ndarray
     done: np.ndarray
+    speedup: float = 1.0
 
     def _at_risk(self, own: float) -> np.ndarray:
         """``bool [m]``: late with a newcomer of ``own`` seconds of chips ahead of them. That includes those already
@@ -205,21 +213,31 @@ class EdfSchedule:
         late = self._at_risk(own)[k:]
         return float(own_done), float(self.done[k:][late].max()) if late.any() else self.now
 
+    def _relief(self, own: float) -> np.ndarray:
+        """``float64 [m]``: the wait after which each queued request no longer stands in a newcomer's way (0 for
+        those not at risk): when it has completed, or when the faster drain has moved its projected completion early
+        enough that ``own`` more seconds ahead of it keep it on time."""
+        left = self.done - self.now
+        gone = left / self.speedup
+        margin = self.done + own - self.hards
+        with np.errstate(divide="ignore"):
+            eased = margin / (self.speedup - 1.0) if self.speedup > 1.0 else np.full_like(margin, np.inf)
+        return np.where(margin > 0, np.minimum(gone, eased), 0.0)
+
     def retry_after(self, own: float, target: float, hard: float) -> float:
         """The least wait after which the same newcomer would be admitted, its target and hard deadline moving with
-        the wait and the queue drained by it: complete by its hard deadline, making no one late. Each
-        insertion position holds for a range of waits (the wait moves the newcomer past queued targets); there the
-        wait must also cover its own lateness and the at-risk requests behind it (until they complete)."""
+        the wait and the queue draining meanwhile (at ``speedup``): complete by its hard deadline, making no one
+        late. Each insertion position holds for a range of waits (the wait moves the newcomer past queued targets);
+        there the wait must also cover its own lateness and the at-risk requests behind it (:meth:`_relief`)."""
         m = self.targets.size
-        risk = np.where(self._at_risk(own), self.done - self.now, 0.0)
-        after = np.maximum.accumulate(risk[::-1])[::-1]  # the latest at-risk completion behind each position
+        after = np.maximum.accumulate(self._relief(own)[::-1])[::-1]  # the latest relief behind each position
         k0 = int(np.searchsorted(self.targets, target, side="right"))
         wait = math.inf
         for k in range(k0, m + 1):
             lo = 0.0 if k == k0 else float(self.targets[k - 1] - target)
             hi = float(self.targets[k] - target) if k < m else math.inf
             ahead = float(self.done[k - 1]) if k else self.head
-            wait = max(lo, ahead + own - hard, float(after[k]) if k < m else 0.0)
+            wait = max(lo, (ahead + own - hard) / self.speedup, float(after[k]) if k < m else 0.0)
             if wait < hi:
                 break
         return wait  # > 0 for a refused newcomer: at wait 0 it was late, or pushed someone late
@@ -329,7 +347,10 @@ class Batcher:
                 f"queue full: {queued} {priority} chips queued, this image needs {n}, capacity {capacity}",
                 retry_after_s=retry_s,
             )
-        target, hard, by_bound = self._targets(how.target_chips or n, deadline, how.arrival)
+        if how.reservation is not None:  # one target per request, set at its admission
+            target, hard, by_bound = how.reservation.target, how.reservation.hard, how.reservation.by_bound
+        else:
+            target, hard, by_bound = self._targets(how.target_chips or n, deadline, how.arrival)
         if not how.continuation:
             self._admit_by_time(n, target, hard, priority, by_bound)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
@@ -420,14 +441,20 @@ class Batcher:
         return (self.chips_ahead(n, deadline, priority) + n) / self._chips_per_s
 
     def admit(
-        self, n: int, deadline: float = math.inf, priority: Priority = "interactive", arrival: float | None = None
+        self,
+        n: int,
+        deadline: float = math.inf,
+        priority: Priority = "interactive",
+        arrival: float | None = None,
+        target_chips: int | None = None,
     ) -> Reservation:
         """Refuse (``QueueFull``) now what ``submit`` would refuse by time -- before the caller decodes the image.
-        Admitted: its :class:`Reservation` holds its place until its submission (pass it in ``Submission``) or
-        :meth:`release`."""
-        target, hard, by_bound = self._targets(n, deadline, arrival)
+        Admitted: its :class:`Reservation` holds its place (``n`` chips) until its submissions (pass it in
+        ``Submission``) or :meth:`release`, and its target (edf: sized by ``target_chips``, default ``n``; a focus
+        run reserves the chips it is expected to run and is sized by its whole pyramid) for all its submissions."""
+        target, hard, by_bound = self._targets(target_chips or n, deadline, arrival)
         self._admit_by_time(n, target, hard, priority, by_bound)
-        reservation = Reservation(n, target, hard, priority)
+        reservation = Reservation(n, target, hard, priority, by_bound)
         self._reserved[priority].append(reservation)
         return reservation
 
@@ -477,7 +504,7 @@ class Batcher:
         if schedule is not None:
             retry_s = schedule.retry_after(n / rate, target, hard)
         else:
-            retry_s = max(own_done - hard, n / rate)
+            retry_s = max(own_done - hard, n / rate) / max(self._chips_per_s / rate, 1.0)
         bound = self.config.max_queue_wait_s
         what = f"the queueing bound of {bound:g} s" if by_bound else f"the request's deadline ({hard - now:.1f} s)"
         if own_done <= hard:
@@ -499,7 +526,8 @@ class Batcher:
         order = sorted(waiting, key=lambda w: (w.target, w.enqueued))
         done = head + np.cumsum(np.array([w.remaining for w in order], np.float64) / rate)
         targets = np.array([w.target for w in order], np.float64)
-        return EdfSchedule(now, head, targets, np.array([w.hard for w in order], np.float64), done)
+        speedup = max(self._chips_per_s / rate, 1.0)
+        return EdfSchedule(now, head, targets, np.array([w.hard for w in order], np.float64), done, speedup)
 
     # ---- the loop --------------------------------------------------------------------------
     def _drop_dead(self) -> None:

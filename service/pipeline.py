@@ -85,6 +85,15 @@ def _card_levels(options: DetectOptions) -> bool:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """The chips admission reserves for a request (a focus run: the share of its pyramid it is expected to run) and
+    the chips its edf target is sized by (its whole pyramid, like the targets of its levels)."""
+
+    chips: int
+    pyramid: int
+
+
+@dataclass(frozen=True)
 class Route:
     """How one request's chips go to the shared batcher: its deadline and lane, when it reached the service (for the
     queueing bound), and what the batcher's admission returned for it (its first chips take that place)."""
@@ -193,20 +202,21 @@ class Pipeline:
     def threshold(self, options: DetectOptions) -> float:
         return self.card.score_threshold if options.score_threshold is None else options.score_threshold
 
-    def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> int:
-        """Chips admission counts for a request, from the image size only: its pyramid's, or for a focus run the
-        share of it that recent focus runs used (their mean: a queue holds many requests, and what the schedule needs
-        right is their sum; the whole pyramid until ``FOCUS_SHARE_MIN_RUNS`` have run). A focus run's levels are
-        queued one by one without a time check of their own, so admission reserves them up front; each level's
+    def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> Admission:
+        """What admission counts for a request, from the image size only: its pyramid's chips, or for a focus run the
+        share of them that recent focus runs used (their mean: a queue holds many requests, and what the schedule
+        needs right is their sum; the whole pyramid until ``FOCUS_SHARE_MIN_RUNS`` have run). A focus run's levels
+        are queued one by one without a time check of their own, so admission reserves them up front; each level's
         chips then take their place in the reservation."""
         try:
             chip_plan = plan(image_size, self.plan_config(options))
         except (PlanError, ValueError) as exc:
             raise InvalidOptions(str(exc)) from exc
+        pyramid = chip_plan.num_chips
         if self.focus_config(options) is None or len(self._focus_shares) < FOCUS_SHARE_MIN_RUNS:
-            return chip_plan.num_chips
+            return Admission(pyramid, pyramid)
         share = float(np.mean(self._focus_shares))
-        return max(1, math.ceil(chip_plan.num_chips * min(share, 1.0)))
+        return Admission(max(1, math.ceil(pyramid * min(share, 1.0))), pyramid)
 
     def check_classes(self, options: DetectOptions) -> None:
         if options.classes is not None:

@@ -36,7 +36,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.options import DetectOptions
-from service.pipeline import Pipeline, Result, Route
+from service.pipeline import Admission, Pipeline, Result, Route
 from service.plan import PlanError, plan
 from service.response import detection_response
 from service.settings import Settings
@@ -376,21 +376,23 @@ def _leave(state: State, priority: Priority) -> None:
     state.slot_freed.set()
 
 
-def under_load(state: State, options: DetectOptions, size: tuple[int, int], route: Route) -> tuple[DetectOptions, int]:
-    """The options a request runs with, and the chips admission counts for them (``Pipeline.admission_chips``).
+def under_load(
+    state: State, options: DetectOptions, size: tuple[int, int], route: Route
+) -> tuple[DetectOptions, Admission]:
+    """The options a request runs with, and what admission counts for them (``Pipeline.admission_chips``).
 
     Brownout (``SNIPSERVE_BROWNOUT_WAIT_S``): a request for the default pyramid whose chips would complete later than
     the setting on the current schedule runs 'focus' instead -- under a size-aware schedule those are the large
     requests behind a queue, where shedding chips shortens everyone's wait. Others run as asked."""
     pipeline, batcher = pipeline_of(state), batcher_of(state)
-    chips = pipeline.admission_chips(size, options)
+    need = pipeline.admission_chips(size, options)
     limit = state.settings.brownout_wait_s
     degraded = None if limit is None else pipeline.brownout_options(options)
     if limit is None or degraded is None:
-        return options, chips
-    wait = batcher.projected_s(chips, route.deadline, route.priority, route.arrival)
+        return options, need
+    wait = batcher.projected_s(need.chips, route.deadline, route.priority, route.arrival)
     if wait is None or wait <= limit:
-        return options, chips
+        return options, need
     metrics.BROWNOUTS.inc()
     return degraded, pipeline.admission_chips(size, degraded)
 
@@ -424,10 +426,10 @@ async def run_detection(
     async def run() -> tuple[np.ndarray, Result]:
         t = time.perf_counter()
         info = await run_in_threadpool(probe_image, data, settings.decode_config())
-        opts, chips = under_load(state, options, (info.width, info.height), Route(deadline, priority, arrival))
+        opts, need = under_load(state, options, (info.width, info.height), Route(deadline, priority, arrival))
         # refuse by time before decoding: under overload a refusal then costs a header probe, not a decode; the
         # admitted request holds its place in the schedule while it decodes
-        reservation = batcher.admit(chips, deadline, priority, arrival)
+        reservation = batcher.admit(need.chips, deadline, priority, arrival, need.pyramid)
         try:
             async with state.pixels.reserve(pixel_cost(info, pipeline, opts), deadline - time.monotonic()):
                 image = await run_in_threadpool(decode_image, data, settings.decode_config())

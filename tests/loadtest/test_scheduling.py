@@ -12,16 +12,21 @@ def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
         # intended, done, status, pick, Retry-After header, body retry_after_s, a 200's timings
         (0.5, 0.6, 200, 0, None, None, {"total": 0.05}),  # warm-up: ignored
         (1.0, 1.2, 200, 0, None, None, {"total": 0.15, "queue_wait": 0.1}),
-        (2.0, 2.0, 503, 0, 1.0, 0.25, None),  # the next admitted pick-0 request was sent 0.5 s later
+        (2.0, 2.0, 503, 0, 2.0, 0.25, None),  # the next admitted pick-0 request was sent 0.5 s later
+        (2.1, 2.1, 503, 0, 0.1, 0.02, None),  # so the needed wait of 2.0's is over 0.1 s; this one's over 0.0 s
         (2.2, 2.5, 200, 1, None, None, None),  # no timings (another server): left out of the split
         (2.5, 2.8, 200, 0, None, None, {"total": 0.2, "queue_wait": 0.0}),
         (3.0, 3.0, 503, 1, 2.0, None, None),  # no later admission of pick 1: no ratio
     ]
     s = summarize(rows, mix, warmup=1.0)
-    assert (s["requests"], s["admitted"], s["refused_503"]) == (5, 3, 2)
-    assert s["retry_after_over_needed"]["n"] == 1 and s["retry_after_over_needed"]["p50"] == 2.0
-    assert s["retry_after_s_over_needed"]["p50"] == 0.5
-    assert s["retry_after_s_over_needed"]["share_within_2x"] == 1.0
+    assert (s["requests"], s["admitted"], s["refused_503"]) == (6, 3, 3)
+    header, precise = s["retry_after_over_needed"], s["retry_after_s_over_needed"]
+    assert header["n"] == 2 and header["p50"] == 0.25 and header["p90"] == 4.0  # 2.0 / 0.5 and 0.1 / 0.4
+    assert precise["share_within_2x"] == 0.5  # 0.25 / 0.5 is within 2x; 0.02 / 0.4 is not
+    # ... but 0.02 s is within 2x of a wait its bounds (0, 0.4] allow; 0.25 s of one in (0.1, 0.5]
+    assert precise["share_within_2x_of_bounds"] == 1.0
+    assert header["share_within_2x_of_bounds"] == 0.5  # 2.0 s is over 2x of anything in (0.1, 0.5]; 0.1 s fits
+    assert set(s["retry_after_s_over_needed_by_image"]) == {mix[0].name}
     assert s["by_image"][mix[0].name]["p50"] == 200.0  # ms, nearest rank of 200 and 300 ms
     split = s["split_ms"]  # the two timed admissions: 200 ms = 150 + 50 outside, 300 ms = 200 + 100 outside
     assert (split["handler_total"]["max"], split["queue_wait"]["max"]) == (200.0, 100.0)

@@ -17,7 +17,7 @@ from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD, FakeEngine
 from service.errors import InvalidOptions
 from service.modelcard import ModelCard
 from service.options import DetectOptions
-from service.pipeline import Pipeline, Result
+from service.pipeline import Admission, Pipeline, Result
 from service.plan import LevelSpec
 
 LEVELS = (LevelSpec(scale=2.0), LevelSpec(scale=1.0), LevelSpec(long_side=128))
@@ -152,9 +152,12 @@ def test_admission_reserves_a_focus_run_by_the_share_recent_runs_used() -> None:
     pipe = pipeline(FAKE_FOCUS_CARD)
     size = (900, 700)
     full = pipe.admission_chips(size, DetectOptions())
-    assert pipe.admission_chips(size, DetectOptions(preset="focus")) == full  # nothing measured yet: all of it
+    assert full.chips == full.pyramid
+    focus = DetectOptions(preset="focus")
+    assert pipe.admission_chips(size, focus) == full  # nothing measured yet: all of it
     for _ in range(8):
-        pipe.detect(scene(), DetectOptions(preset="focus"))  # the synchronous path does not record shares
-    assert pipe.admission_chips(size, DetectOptions(preset="focus")) == full
+        pipe.detect(scene(), focus)  # the synchronous path does not record shares
+    assert pipe.admission_chips(size, focus) == full
     pipe._focus_shares.extend([0.25] * 8)
-    assert pipe.admission_chips(size, DetectOptions(preset="focus")) == math.ceil(full * 0.25)
+    # reserves its expected share; its target stays sized by the whole pyramid
+    assert pipe.admission_chips(size, focus) == Admission(math.ceil(full.pyramid * 0.25), full.pyramid)

@@ -75,8 +75,16 @@ class Prepared:
     timings: dict[str, float]
 
 
-FOCUS_SHARE_WINDOW = 64  # recent focus runs whose share of their pyramid's chips admission plans with
-FOCUS_SHARE_MIN_RUNS = 8  # before this many have run, admission reserves a focus run's whole pyramid
+FOCUS_SHARE_WINDOW = 64  # recent focus runs (per size class) whose share of their pyramid admission plans with
+FOCUS_SHARE_MIN_RUNS = 8  # before this many of its size class have run, admission reserves a focus run's pyramid
+
+
+def size_class(pyramid_chips: int) -> int:
+    """The size class of a request whose pyramid has ``pyramid_chips`` chips: pyramids of 2^(k-1) to 2^k - 1 chips
+    share class k. The share of its pyramid a focus run needs falls with the image's size (the coarse levels always
+    run whole; a large image's finest level is mostly background), so it is measured per class: measured at 3x
+    overload, a 16-chip image ran 15 of its chips and a 116-chip image 25."""
+    return pyramid_chips.bit_length()
 
 
 def _card_levels(options: DetectOptions) -> bool:
@@ -125,8 +133,10 @@ class Pipeline:
         self.staging: Staging = select_staging(engine, self.norm, preprocess)
         require_gpu(soft_nms)  # an explicit GPU soft-NMS that cannot run fails here, at startup
         self.soft_nms = soft_nms
-        # chips run / pyramid chips of recent focus runs: admission reserves a focus request's expected share
-        self._focus_shares: collections.deque[float] = collections.deque(maxlen=FOCUS_SHARE_WINDOW)
+        # chips run / pyramid chips of recent focus runs per size class: admission reserves a focus run's expected share
+        self._focus_shares: collections.defaultdict[int, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=FOCUS_SHARE_WINDOW)
+        )
 
     @classmethod
     def load(
@@ -204,18 +214,19 @@ class Pipeline:
 
     def admission_chips(self, image_size: tuple[int, int], options: DetectOptions) -> Admission:
         """What admission counts for a request, from the image size only: its pyramid's chips, or for a focus run the
-        share of them that recent focus runs used (their mean: a queue holds many requests, and what the schedule
-        needs right is their sum; the whole pyramid until ``FOCUS_SHARE_MIN_RUNS`` have run). A focus run's levels
-        are queued one by one without a time check of their own, so admission reserves them up front; each level's
-        chips then take their place in the reservation."""
+        share of them that recent focus runs of its :func:`size_class` used (their mean: a queue holds many requests,
+        and what the schedule needs right is their sum; the whole pyramid until ``FOCUS_SHARE_MIN_RUNS`` of the class
+        have run). A focus run's levels are queued one by one without a time check of their own, so admission
+        reserves them up front; each level's chips then take their place in the reservation."""
         try:
             chip_plan = plan(image_size, self.plan_config(options))
         except (PlanError, ValueError) as exc:
             raise InvalidOptions(str(exc)) from exc
         pyramid = chip_plan.num_chips
-        if self.focus_config(options) is None or len(self._focus_shares) < FOCUS_SHARE_MIN_RUNS:
+        shares = self._focus_shares.get(size_class(pyramid), ())
+        if self.focus_config(options) is None or len(shares) < FOCUS_SHARE_MIN_RUNS:
             return Admission(pyramid, pyramid)
-        share = float(np.mean(self._focus_shares))
+        share = float(np.mean(shares))
         return Admission(max(1, math.ceil(pyramid * min(share, 1.0))), pyramid)
 
     def check_classes(self, options: DetectOptions) -> None:
@@ -325,6 +336,7 @@ class Pipeline:
             batcher.note_finish(time.monotonic() - done, prepared.plan.num_chips)
             return result
         # FocusChips: one level at a time, coarse to fine; each level's chips share batches with other requests.
+        pyramid = prepared.plan.num_chips  # (finish_focus replaces prepared.plan with the chips that ran)
         run = FocusRun(prepared.plan, focus, prepared.threshold)
         first = True
         while (chips := run.next_chips()) is not None:
@@ -337,7 +349,7 @@ class Pipeline:
         batcher.note_finish(time.monotonic() - done, result.num_chips)
         metrics.CHIPS_PER_REQUEST.observe(result.num_chips)
         metrics.observe_focus(result.focus or [])
-        self._focus_shares.append(result.num_chips / max(prepared.plan.num_chips, 1))
+        self._focus_shares[size_class(pyramid)].append(result.num_chips / max(pyramid, 1))
         return result
 
     async def _submit(

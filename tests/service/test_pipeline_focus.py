@@ -17,7 +17,7 @@ from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD, FakeEngine
 from service.errors import InvalidOptions
 from service.modelcard import ModelCard
 from service.options import DetectOptions
-from service.pipeline import Admission, Pipeline, Result
+from service.pipeline import Admission, Pipeline, Result, size_class
 from service.plan import LevelSpec
 
 LEVELS = (LevelSpec(scale=2.0), LevelSpec(scale=1.0), LevelSpec(long_side=128))
@@ -158,6 +158,21 @@ def test_admission_reserves_a_focus_run_by_the_share_recent_runs_used() -> None:
     for _ in range(8):
         pipe.detect(scene(), focus)  # the synchronous path does not record shares
     assert pipe.admission_chips(size, focus) == full
-    pipe._focus_shares.extend([0.25] * 8)
+    pipe._focus_shares[size_class(full.pyramid) + 1].extend([0.25] * 8)  # larger images' runs: not this one's
+    assert pipe.admission_chips(size, focus) == full
+    pipe._focus_shares[size_class(full.pyramid)].extend([0.25] * 8)
     # reserves its expected share; its target stays sized by the whole pyramid
     assert pipe.admission_chips(size, focus) == Admission(math.ceil(full.pyramid * 0.25), full.pyramid)
+
+
+async def test_focus_runs_record_their_share_by_size_class() -> None:
+    pipe = pipeline(FAKE_FOCUS_CARD)
+    batcher = Batcher(pipe.engine, pipe.adapter, pipe.norm, BatcherConfig(max_batch=8), pipe.staging)
+    await batcher.start()
+    try:
+        result = await pipe.detect_async(scene(), DetectOptions(preset="focus"), batcher)
+    finally:
+        await batcher.stop()
+    pyramid = pipe.admission_chips((900, 700), DetectOptions()).pyramid
+    assert result.num_chips < pyramid
+    assert {k: list(v) for k, v in pipe._focus_shares.items()} == {size_class(pyramid): [result.num_chips / pyramid]}

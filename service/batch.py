@@ -276,8 +276,6 @@ class Batcher:
         self._closing = False
         self._chips_per_s = 0.0  # measured drain rate (chips per wall-clock second while busy, recent window)
         self._drained: collections.deque[tuple[float, int, float]] = collections.deque()  # (done at, chips, seconds)
-        # per wall-clock second of the promise horizon: [second, chips, busy seconds] of the batches done in it
-        self._seconds: collections.deque[list[float]] = collections.deque()
         self._last_done = 0.0  # time.monotonic() when the last batch completed
         self._backlogged = False  # chips were waiting (or running) when the last batch completed
         self._finish_per_chip = 0.0  # measured seconds from a request's last chip to its reply (merge), per chip
@@ -379,19 +377,17 @@ class Batcher:
 
     @property
     def admission_rate(self) -> float:
-        """The drain rate admission by time plans with: the slowest second among those mostly busy (at least half a
-        second of batches) over the last :attr:`promise_horizon_s`, else the window's rate. A promise made at an
-        average rate is broken whenever the next seconds run slower than average; this one holds unless they run
-        slower than the slowest second of a stretch as long as the promise. (Over the drain window alone, 5 s
-        against an 8 s bound, a slow second left the window, admission filled the queue at the faster rate, and
-        large requests then finished up to 0.4 s past the bound at 3x overload.)"""
-        busy = [chips / seconds for _, chips, seconds in self._seconds if seconds >= 0.5]
+        """The drain rate admission by time plans with: the slowest second of the window among those mostly busy
+        (at least half a second of batches), else the window's rate. A promise made at an average rate is broken
+        whenever the next seconds run slower than average; this one holds unless they run slower than the slowest
+        recent second."""
+        buckets: dict[int, list[float]] = {}
+        for done, rows, seconds in self._drained:
+            b = buckets.setdefault(int(done), [0.0, 0.0])
+            b[0] += rows
+            b[1] += seconds
+        busy = [chips / seconds for chips, seconds in buckets.values() if seconds >= 0.5]
         return min(busy) if busy else self._chips_per_s
-
-    @property
-    def promise_horizon_s(self) -> float:
-        """How far back :attr:`admission_rate` looks: the drain window, or the queueing bound when that is longer."""
-        return max(self.config.drain_window_s, self.config.max_queue_wait_s or 0.0)
 
     def projected_s(self, n: int, deadline: float, priority: Priority, arrival: float | None = None) -> float | None:
         """Seconds until a new request of ``n`` chips would complete on the lane's schedule (its target and the
@@ -681,14 +677,6 @@ class Batcher:
             window.popleft()
         self._chips_per_s = sum(r for _, r, _ in window) / sum(t for _, _, t in window)
         metrics.QUEUE_DRAIN_RATE.set(self._chips_per_s)
-        second = float(int(now))
-        if self._seconds and self._seconds[-1][0] == second:
-            self._seconds[-1][1] += rows
-            self._seconds[-1][2] += window[-1][2]
-        else:
-            self._seconds.append([second, float(rows), window[-1][2]])
-        while self._seconds[0][0] < now - self.promise_horizon_s - 1:
-            self._seconds.popleft()
 
     def _distribute(
         self, slices: list[_Slice], dets: ChipDetections, focus: np.ndarray | None, crop_s: float, infer_s: float

@@ -334,28 +334,6 @@ def test_admission_plans_with_the_slowest_busy_second(monkeypatch: pytest.Monkey
     assert b.admission_rate == pytest.approx(40.0)
 
 
-@pytest.mark.parametrize(("bound", "expected"), [(None, 80.0), (8.0, 40.0)])
-def test_the_slowest_second_is_sought_over_the_promise_horizon(
-    monkeypatch: pytest.MonkeyPatch, bound: float | None, expected: float
-) -> None:
-    """A slow second 6 s ago has left a 5 s drain window, but admission still plans with it when its promises
-    reach 8 s ahead (the queueing bound): a rate that held for 5 s need not hold for 8."""
-    engine = FakeEngine(max_batch=8)
-    b = make_batcher(engine, drain_window_s=5.0, max_queue_wait_s=bound)
-    clock = [100.0]
-    monkeypatch.setattr("service.batch.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr(b, "_queued", lambda: True)
-    for k in range(1, 6):  # second 100: 40 chips/s
-        clock[0] = 100.0 + 0.2 * k - 0.01
-        b._account(8, started=clock[0] - 0.2)
-    for k in range(1, 61):  # seconds 101-106: 80 chips/s
-        clock[0] = 101.0 + 0.1 * k - 0.01
-        b._account(8, started=clock[0] - 0.1)
-    assert b.promise_horizon_s == max(5.0, bound or 0.0)
-    assert b.drain_rate == pytest.approx(80.0)
-    assert b.admission_rate == pytest.approx(expected)
-
-
 async def test_a_focus_run_reserves_its_levels_and_each_level_takes_its_share() -> None:
     """A focus run is admitted for more chips than its first level and submits its levels one by one: each level's
     chips come out of the reservation, which keeps counting the rest until the last (or a release) ends it."""

@@ -118,7 +118,7 @@ class Reservation:
     target: float  # the request's edf target and hard deadline, set once at admission: its submissions keep them
     hard: float
     priority: Priority
-    by_bound: bool = True  # the queueing bound, not the client's deadline, sets ``hard``
+    by_bound: bool  # the queueing bound, not the client's deadline, sets ``hard``
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -220,8 +220,7 @@ class EdfSchedule:
         left = self.done - self.now
         gone = left / self.speedup
         margin = self.done + own - self.hards
-        with np.errstate(divide="ignore"):
-            eased = margin / (self.speedup - 1.0) if self.speedup > 1.0 else np.full_like(margin, np.inf)
+        eased = margin / (self.speedup - 1.0) if self.speedup > 1.0 else np.full_like(margin, np.inf)
         return np.where(margin > 0, np.minimum(gone, eased), 0.0)
 
     def retry_after(self, own: float, target: float, hard: float) -> float:
@@ -504,7 +503,7 @@ class Batcher:
         if schedule is not None:
             retry_s = schedule.retry_after(n / rate, target, hard)
         else:
-            retry_s = max(own_done - hard, n / rate) / max(self._chips_per_s / rate, 1.0)
+            retry_s = max(own_done - hard, n / rate) / self._speedup(rate)
         bound = self.config.max_queue_wait_s
         what = f"the queueing bound of {bound:g} s" if by_bound else f"the request's deadline ({hard - now:.1f} s)"
         if own_done <= hard:
@@ -526,8 +525,12 @@ class Batcher:
         order = sorted(waiting, key=lambda w: (w.target, w.enqueued))
         done = head + np.cumsum(np.array([w.remaining for w in order], np.float64) / rate)
         targets = np.array([w.target for w in order], np.float64)
-        speedup = max(self._chips_per_s / rate, 1.0)
-        return EdfSchedule(now, head, targets, np.array([w.hard for w in order], np.float64), done, speedup)
+        hards = np.array([w.hard for w in order], np.float64)
+        return EdfSchedule(now, head, targets, hards, done, self._speedup(rate))
+
+    def _speedup(self, rate: float) -> float:
+        """How much faster than ``rate`` (the admission rate) the queue drains: the measured rate over it, >= 1."""
+        return max(self._chips_per_s / rate, 1.0)
 
     # ---- the loop --------------------------------------------------------------------------
     def _drop_dead(self) -> None:

@@ -9,8 +9,9 @@ Conventions (DESIGN.md):
   ``(lo, hi)`` on ``sqrt(w*h)`` in **original** pixels, tested as ``lo**2 < w*h <= hi**2``;
   ``lo = -1`` and ``hi = inf`` mean open.
 - Chips are ``C x C`` in level pixels. A level that fits one chip is padded, not stretched. Tiled
-  levels overlap by at least the level's upper valid size in level pixels (capped below ``C``) plus
-  twice the edge margin, so every valid object lies whole, away from inner edges, in some chip.
+  levels overlap by at least the level's upper valid size in level pixels (capped at ``max_overlap_fraction x C``,
+  half a chip by default) plus twice the edge margin, so every valid object up to that cap lies whole, away from
+  inner edges, in some chip; a larger one (a level whose upper valid size exceeds half a chip) may not.
 """
 
 from __future__ import annotations

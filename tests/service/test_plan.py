@@ -71,11 +71,13 @@ def test_chips_inside_and_cover_every_pixel(w: int, h: int, levels: list[LevelSp
 @settings(max_examples=150, deadline=None)
 @given(st.integers(300, 3000), st.integers(300, 3000), st.floats(0.2, 2.5), st.data())
 def test_every_valid_box_whole_in_some_chip(w: int, h: int, scale: float, data: st.DataObject) -> None:
-    """Objects up to the level's upper valid size lie whole, off inner edges, in some chip."""
+    """Objects up to the level's upper valid size, within the overlap's cap (half a chip), lie whole, off inner
+    edges, in some chip. (At scale 2.5 the valid 60 px are 150 level px, over the 128 px cap: Hypothesis found a
+    136 px box in no chip, which the plan does not promise.)"""
     p = plan((w, h), cfg(LevelSpec(scale=scale, valid=(-1, 60)), chip=256, max_chips=100000))
     (lv,) = p.levels
     c, m = 256, p.edge_margin
-    size = data.draw(st.floats(1, lv.hi * lv.scale))  # side in level px, at most the valid upper bound
+    size = data.draw(st.floats(1, min(lv.hi * lv.scale, 0.5 * c)))  # side in level px: the valid bound, the cap
     assume(size < min(lv.width, lv.height))
     x = data.draw(st.floats(0, lv.width - size))
     y = data.draw(st.floats(0, lv.height - size))

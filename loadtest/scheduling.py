@@ -178,6 +178,14 @@ def summarize(rows: list[Row], mix: list[MixImage], warmup: float) -> dict[str, 
     return out
 
 
+def write_rows(path: Path, rows: list[Row]) -> None:
+    """One JSON object per request: intended send and completion (s from the run's start), HTTP status, the mix
+    image's index, Retry-After (header, s), ``retry_after_s`` (body) and a 200's timings (s)."""
+    keys = ("sent", "done", "status", "image", "retry_after", "retry_after_s", "timings")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(dict(zip(keys, r, strict=True))) + "\n" for r in sorted(rows)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -191,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", default=[], metavar="K=V", help="query option for every request")
     p.add_argument("--label", default="", help="name of this configuration in the report")
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--rows", type=Path, default=None, help="also write each load's raw rows here (rows_LOAD.jsonl)")
     args = p.parse_args(argv)
     params = dict(kv.split("=", 1) for kv in args.param)
     mix = parse_mix(args.mix)
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, f in enumerate(float(x) for x in args.loads.split(",")):
         rows = asyncio.run(open_loop(args.url, mix, f * cap, args.seconds, 100 + k, params))
         s = {"load": f, "rate": round(f * cap, 3)} | summarize(rows, mix, args.warmup)
+        if args.rows is not None:
+            write_rows(args.rows / f"rows_{f:g}.jsonl", rows)
         print(json.dumps(s), flush=True)
         runs.append(s)
     report = {"label": args.label, "mix": args.mix, "capacity_images_per_s": round(cap, 3), "runs": runs}

@@ -87,9 +87,9 @@ class BatcherConfig(BaseModel):
         default="edf", description="Order of chips within a lane: edf (size-aware targets), fair (round robin), fifo."
     )
     edf_stretch: float = Field(
-        default=4.0, gt=0, description="edf: target latency = this x the request's own service time + edf_slack_s."
+        default=8.0, gt=0, description="edf: target latency = this x the request's own service time + edf_slack_s."
     )
-    edf_slack_s: float = Field(default=0.5, ge=0, description="edf: constant part of a request's target latency.")
+    edf_slack_s: float = Field(default=0.05, ge=0, description="edf: constant part of a request's target latency.")
     fair_quantum: int = Field(default=2, ge=1, description="fair: chips a request gets per turn of the round robin.")
     max_queue_wait_s: float | None = Field(
         default=None,
@@ -101,6 +101,14 @@ class BatcherConfig(BaseModel):
         default=5.0,
         gt=0,
         description="The drain rate is the chips completed over the busy seconds of the batches of this last window.",
+    )
+    admission_headroom: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Share of the admission rate held back when admission by time plans (a promise of 8 s is then "
+        "planned as if the queue drained this much slower): room for the rate falling after a request is admitted. "
+        "snipserve_admission_lateness_seconds shows how late admitted requests' chips complete against the plan.",
     )
     drain_smoothing: float = Field(
         default=0.2, gt=0, le=1, description="Weight of the newest request in the merge-time moving average."
@@ -119,6 +127,7 @@ class Reservation:
     hard: float
     priority: Priority
     by_bound: bool  # the queueing bound, not the client's deadline, sets ``hard``
+    projected: float  # when admission projected its chips done (time.monotonic(); nan: no rate measured yet)
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -138,6 +147,7 @@ class Submission:
     # these chips). A focus run sizes each level by its whole pyramid, so a large image's levels, queued one after
     # another, keep a large image's target and do not pass smaller requests because each level alone is small.
     target_chips: int | None = None
+    final: bool = True  # the request's last chips (a focus run's finest level): admission's promise is checked on them
 
 
 NEW_REQUEST = Submission()
@@ -162,6 +172,7 @@ class ChipWork:
     started: float | None = None
     want_focus: bool = False
     focus: np.ndarray | None = None  # float32 [K, h, w]: the chips' focus maps, when ``want_focus``
+    projected: float = math.nan  # the request's last chips: when admission projected them done (else nan)
 
     @property
     def remaining(self) -> int:
@@ -350,8 +361,13 @@ class Batcher:
             target, hard, by_bound = how.reservation.target, how.reservation.hard, how.reservation.by_bound
         else:
             target, hard, by_bound = self._targets(how.target_chips or n, deadline, how.arrival)
+        projected = math.nan
         if not how.continuation:
-            self._admit_by_time(n, target, hard, priority, by_bound)
+            projected = self._admit_by_time(n, target, hard, priority, by_bound)
+        if how.reservation is not None:  # the promise made when the request was admitted
+            projected = how.reservation.projected
+        if not how.final:
+            projected = math.nan
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
             plan=plan,
@@ -362,6 +378,7 @@ class Batcher:
             target=target,
             hard=hard,
             want_focus=how.want_focus,
+            projected=projected,
         )
         self._lanes[priority].append(work)
         self._lane_pending[priority] += n
@@ -388,14 +405,20 @@ class Batcher:
         busy = [chips / seconds for chips, seconds in buckets.values() if seconds >= 0.5]
         return min(busy) if busy else self._chips_per_s
 
-    def projected_s(self, n: int, deadline: float, priority: Priority, arrival: float | None = None) -> float | None:
-        """Seconds until a new request of ``n`` chips would complete on the lane's schedule (its target and the
-        chips served before it, at the admission rate); None before the first batch has measured a rate."""
-        rate = self.admission_rate
+    @property
+    def planning_rate(self) -> float:
+        """The rate admission by time plans with: the admission rate less ``admission_headroom``."""
+        return self.admission_rate * (1.0 - self.config.admission_headroom)
+
+    def queue_ahead_s(self, n: int, deadline: float, priority: Priority, arrival: float | None = None) -> float | None:
+        """Seconds a new request of ``n`` chips would wait for other requests' chips on the lane's schedule (those
+        served before it, by its target, at the planning rate) -- its own chips not counted, so a large image alone
+        waits 0; None before the first batch has measured a rate."""
+        rate = self.planning_rate
         if rate <= 0:
             return None
         target, _, _ = self._targets(n, deadline, arrival)
-        return (self.chips_ahead(n, target, priority) + n) / rate
+        return self.chips_ahead(n, target, priority) / rate
 
     def note_finish(self, seconds: float, chips: int = 1) -> None:
         """A request of ``chips`` chips took ``seconds`` from its last chip to its reply (postprocess, merge):
@@ -452,8 +475,8 @@ class Batcher:
         ``Submission``) or :meth:`release`, and its target (edf: sized by ``target_chips``, default ``n``; a focus
         run reserves the chips it is expected to run and is sized by its whole pyramid) for all its submissions."""
         target, hard, by_bound = self._targets(target_chips or n, deadline, arrival)
-        self._admit_by_time(n, target, hard, priority, by_bound)
-        reservation = Reservation(n, target, hard, priority, by_bound)
+        projected = self._admit_by_time(n, target, hard, priority, by_bound)
+        reservation = Reservation(n, target, hard, priority, by_bound, projected)
         self._reserved[priority].append(reservation)
         return reservation
 
@@ -479,11 +502,12 @@ class Batcher:
         own = n / self._chips_per_s
         return min(hard, start + self.config.edf_stretch * own + self.config.edf_slack_s), hard, by_bound
 
-    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> None:
-        """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""
-        rate = self.admission_rate
+    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> float:
+        """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring); admitted: when
+        its chips are projected done (``time.monotonic()``; nan before a rate is measured)."""
+        rate = self.planning_rate
         if rate <= 0:
-            return
+            return math.nan
         now = time.monotonic()
         schedule = self._edf_schedule(priority, now, rate) if self.config.schedule == "edf" else None
         if schedule is not None:
@@ -492,7 +516,7 @@ class Batcher:
             own_done, late_until = now + (self.chips_ahead(n, target, priority) + n) / rate, now
         metrics.QUEUE_ESTIMATED_WAIT.set(own_done - now)
         if own_done <= hard and late_until <= now:
-            return
+            return own_done
         if not by_bound and now + n / rate > hard:  # not even an empty queue would do: retrying cannot help
             raise DeadlineExceeded(
                 f"the request's deadline ({hard - now + self._finish(n):.3f} s) is shorter than its own {n} chips "
@@ -701,4 +725,6 @@ class Batcher:
             work.timings["infer"] += infer_s
             work.done += n
             if work.done == work.plan.num_chips:
+                if not math.isnan(work.projected):
+                    metrics.ADMISSION_LATENESS.observe(time.monotonic() - work.projected)
                 work.future.set_result(ChipDetections.concat(work.parts))

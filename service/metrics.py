@@ -97,6 +97,13 @@ QUEUE_ESTIMATED_WAIT = Gauge(
     "Estimated completion time of the latest request at admission (chips ahead + its own, at the drain rate).",
     registry=REGISTRY,
 )
+ADMISSION_LATENESS = Histogram(
+    "snipserve_admission_lateness_seconds",
+    "A request's chips completed minus when admission by time projected them done (negative: early). Admission "
+    "keeps its promises while this stays under the bound's slack.",
+    buckets=(-8, -4, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 4),
+    registry=REGISTRY,
+)
 QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)
 IN_FLIGHT = Gauge("snipserve_in_flight_requests", "Detection requests being processed.", registry=REGISTRY)
 REJECTIONS = Counter("snipserve_rejections", "Requests refused, by reason.", ["reason"], registry=REGISTRY)

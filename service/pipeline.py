@@ -181,8 +181,11 @@ class Pipeline:
 
     def brownout_options(self, options: DetectOptions) -> DetectOptions | None:
         """The 'focus' variant of a request that runs the card's default pyramid (preset 'default', no explicit
-        levels or object sizes), for brownout under load; None for any other request (it keeps what it asked)."""
-        if not _card_levels(options) or options.preset != "default" or self.card.is_focus("default"):
+        levels or object sizes), for brownout under load; None for any other request (it keeps what it asked), and
+        for models without a focus head: the detection fallback's accuracy on their data is unmeasured, so their
+        requests are not degraded to it behind the client's back (preset 'focus' still runs it when asked)."""
+        head = self.card.focus is not None and self.card.focus.output is not None
+        if not head or not _card_levels(options) or options.preset != "default" or self.card.is_focus("default"):
             return None
         return options.model_copy(update={"preset": "focus"})
 
@@ -366,7 +369,8 @@ class Pipeline:
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
         want_focus = self.card.focus is not None and self.card.focus.output is not None
-        how = Submission(route.arrival, want_focus, continuation, route.reservation, prepared.plan.num_chips)
+        final = plan is prepared.plan or bool((plan.chips[:, 0] == 0).all())  # the whole plan, or the finest level
+        how = Submission(route.arrival, want_focus, continuation, route.reservation, prepared.plan.num_chips, final)
         work = await batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)
         chip_dets = await work.future
         for k in ("crop", "queue_wait", "infer"):

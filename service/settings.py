@@ -90,12 +90,14 @@ class Settings(BaseSettings):
     edf_slack_s: float = from_config(BatcherConfig, "edf_slack_s")
     max_queue_wait_s: float | None = from_config(BatcherConfig, "max_queue_wait_s")
     drain_window_s: float = from_config(BatcherConfig, "drain_window_s")
-    brownout_wait_s: float | None = Field(
-        default=None,
-        gt=0,
-        description="Brownout: a request for the model's default pyramid whose chips would complete later than this "
-        "on the current schedule (at the admission rate) runs the 'focus' preset instead (about 3x fewer chips; the "
-        "response says mode 'focus'); unset: never.",
+    admission_headroom: float = from_config(BatcherConfig, "admission_headroom")
+    brownout_wait_s: float = Field(
+        default=0.2,
+        ge=0,
+        description="Brownout: a request for the model's default pyramid that would wait longer than this for other "
+        "requests' chips on the current schedule (at the planning rate; its own chips not counted) runs the 'focus' "
+        "preset instead (about 3x fewer chips; the response says mode 'focus'). Only for models with a focus head; "
+        "preset=pyramid is never degraded; 0: never.",
     )
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")

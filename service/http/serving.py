@@ -381,16 +381,17 @@ def under_load(
 ) -> tuple[DetectOptions, Admission]:
     """The options a request runs with, and what admission counts for them (``Pipeline.admission_chips``).
 
-    Brownout (``SNIPSERVE_BROWNOUT_WAIT_S``): a request for the default pyramid whose chips would complete later than
-    the setting on the current schedule runs 'focus' instead -- under a size-aware schedule those are the large
-    requests behind a queue, where shedding chips shortens everyone's wait. Others run as asked."""
+    Brownout (``SNIPSERVE_BROWNOUT_WAIT_S``): a request for the default pyramid that would wait longer than the
+    setting for other requests' chips on the current schedule runs 'focus' instead -- under a size-aware schedule
+    those are the large requests behind a queue, where shedding chips shortens everyone's wait. Its own chips do not
+    count: a large image on an idle service runs as asked. Others run as asked."""
     pipeline, batcher = pipeline_of(state), batcher_of(state)
     need = pipeline.admission_chips(size, options)
     limit = state.settings.brownout_wait_s
-    degraded = None if limit is None else pipeline.brownout_options(options)
-    if limit is None or degraded is None:
+    degraded = pipeline.brownout_options(options) if limit > 0 else None
+    if degraded is None:
         return options, need
-    wait = batcher.projected_s(need.chips, route.deadline, route.priority, route.arrival)
+    wait = batcher.queue_ahead_s(need.chips, route.deadline, route.priority, route.arrival)
     if wait is None or wait <= limit:
         return options, need
     metrics.BROWNOUTS.inc()

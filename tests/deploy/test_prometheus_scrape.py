@@ -224,7 +224,7 @@ def test_prometheus_loaded_and_evaluates_our_rules(scraped: str) -> None:
         return found if found and all(r.get("lastEvaluation", "").startswith("2") for r in found) else []
 
     found = wait_for("rule evaluation", rules, 10)
-    assert len(found) == 7
+    assert len(found) == 8
     assert all(r["health"] == "ok" for r in found), [(r["name"], r.get("lastError")) for r in found]
     firing = [r["name"] for r in found if r["state"] == "firing"]
     assert not firing, firing

@@ -20,7 +20,7 @@ def test_check_metrics_on_live_exposition(promtool: str, exposition: str) -> Non
 def test_check_rules(promtool: str) -> None:
     done = run(promtool, "check", "rules", str(RULES))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 7 rules found" in done.stdout
+    assert "SUCCESS: 8 rules found" in done.stdout
 
 
 def test_rule_unit_tests(promtool: str) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from loadtest.images import parse_mix
-from loadtest.scheduling import summarize
+from loadtest.scheduling import summarize, write_rows
 
 
 def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
@@ -31,3 +34,15 @@ def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
     split = s["split_ms"]  # the two timed admissions: 200 ms = 150 + 50 outside, 300 ms = 200 + 100 outside
     assert (split["handler_total"]["max"], split["queue_wait"]["max"]) == (200.0, 100.0)
     assert split["outside_handler"]["p50"] == 50.0 and split["outside_handler"]["max"] == 100.0
+
+
+def test_raw_rows_are_written_one_json_object_per_request_in_send_order(tmp_path: Path) -> None:
+    rows = [
+        (2.0, 2.0, 503, 1, 1.0, 0.25, None),
+        (1.0, 1.2, 200, 0, None, None, {"total": 0.15}),
+    ]
+    path = tmp_path / "rows" / "rows_3.jsonl"
+    write_rows(path, rows)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["sent"] for x in lines] == [1.0, 2.0]
+    assert lines[0]["timings"] == {"total": 0.15} and lines[1]["retry_after_s"] == 0.25 and lines[1]["image"] == 1

@@ -54,6 +54,7 @@ EXPECTED_FAMILIES = {
     "snipserve_inference_seconds",
     "snipserve_focus_chips",
     "snipserve_brownouts",
+    "snipserve_admission_lateness_seconds",
     "snipserve_focus_area_ratio",
     "snipserve_ready",
     "snipserve_model_info",

@@ -146,6 +146,7 @@ def test_brownout_runs_focus_only_for_requests_of_the_default_pyramid() -> None:
     assert pipe.brownout_options(DetectOptions(min_object_size=10)) is None
     focus_card = FAKE_FOCUS_CARD.model_copy(update={"default_mode": "focus"})
     assert pipeline(focus_card).brownout_options(DetectOptions()) is None  # its default already is focus
+    assert pipeline(FAKE_CARD).brownout_options(DetectOptions()) is None  # no focus head: the fallback is not forced
 
 
 def test_admission_reserves_a_focus_run_by_the_share_recent_runs_used() -> None:

@@ -358,3 +358,64 @@ async def test_a_focus_run_reserves_its_levels_and_each_level_takes_its_share() 
         await asyncio.gather(second.future, alone.future, sized.future)
     finally:
         await b.stop()
+
+
+async def test_brownout_waits_count_only_the_chips_ahead() -> None:
+    """``queue_ahead_s`` (what brownout compares with its limit) is the wait for other requests' chips: a large image
+    on an idle batcher waits 0 however long its own chips take; queued chips ahead of it count at the planning rate."""
+    engine = FakeEngine(max_batch=2, delay=0.05)
+    b = make_batcher(engine, max_batch=2, max_delay_ms=0.0, schedule="fifo")
+    await b.start()
+    try:
+        await measured(b, chips=4)
+        assert b.queue_ahead_s(10_000, math.inf, "interactive") == 0.0
+        queued = await b.submit(*work_for(12), threshold=0.5)
+        ahead = b.queue_ahead_s(10_000, math.inf, "interactive")
+        assert ahead is not None and 0 < ahead <= 12 / b.planning_rate
+        await queued.future
+    finally:
+        await b.stop()
+
+
+def test_admission_plans_with_headroom_below_the_admission_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission by time plans at the admission rate less ``admission_headroom``: a request that fits the bound
+    exactly at the admission rate is refused with 10 % held back, and admitted with none."""
+    for headroom, admitted in ((0.0, True), (0.1, False)):
+        b = make_batcher(FakeEngine(max_batch=8), max_queue_wait_s=1.0, schedule="fifo", admission_headroom=headroom)
+        monkeypatch.setattr(Batcher, "admission_rate", property(lambda _self: 100.0))
+        assert b.planning_rate == pytest.approx(100.0 * (1 - headroom))
+        if admitted:
+            b.admit(99)  # 0.99 s at 100 chips/s, within the 1 s bound
+        else:
+            with pytest.raises(QueueFull):
+                b.admit(99)
+
+
+async def test_lateness_against_the_projection_is_observed_once_per_request() -> None:
+    """Each admitted request's chips, when done, are compared with the completion admission projected for them
+    (``snipserve_admission_lateness_seconds``): once per request, at its final submission, a focus run's earlier
+    levels not counted."""
+    from service import metrics
+
+    def count() -> float:
+        return metrics.REGISTRY.get_sample_value("snipserve_admission_lateness_seconds_count") or 0.0
+
+    engine = FakeEngine(max_batch=4, delay=0.01)
+    b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="edf", max_queue_wait_s=30.0)
+    await b.start()
+    try:
+        await measured(b)
+        before = count()
+        reservation = b.admit(10, target_chips=40)
+        assert reservation.projected > time.monotonic()
+        first = await b.submit(*work_for(4), threshold=0.5, how=Submission(reservation=reservation, final=False))
+        await first.future
+        assert count() == before
+        assert math.isnan(first.projected)
+        how = Submission(continuation=True, reservation=reservation)
+        last = await b.submit(*work_for(6), threshold=0.5, how=how)
+        assert last.projected == reservation.projected
+        await last.future
+        assert count() == before + 1
+    finally:
+        await b.stop()

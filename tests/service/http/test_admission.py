@@ -19,11 +19,13 @@ from fastapi.testclient import TestClient
 from service.adapters import get_adapter
 from service.batch import Batcher, BatcherConfig
 from service.crop import Normalizer
-from service.engines.fake import FAKE_CARD, FakeEngine
+from service.engines.fake import FAKE_CARD, FAKE_FOCUS_CARD, FakeEngine
 from service.errors import QueueFull
 from service.http.app import create_app
-from service.http.serving import batcher_of
+from service.http.serving import batcher_of, under_load
 from service.http.transport import BodyGuard, TransportConfig
+from service.options import DetectOptions
+from service.pipeline import Route
 from service.plan import LevelSpec, PlanConfig, plan
 from service.settings import Settings
 
@@ -272,3 +274,26 @@ def test_a_request_that_fails_after_admission_releases_its_place(client_for: Cal
     batcher = batcher_of(client.app.state.snipserve)  # type: ignore[attr-defined]
     assert batcher.chips_ahead(1, float("inf"), "interactive") == 0
     assert detect(client).status_code == 200  # type: ignore[attr-defined]
+
+
+def test_brownout_degrades_only_requests_waiting_behind_others(client_for: Callable[..., TestClient]) -> None:
+    """Brownout compares the wait for *other* requests' chips with its limit: a large image on an idle service runs
+    the pyramid it asked for, however long its own chips take; behind admitted requests it runs 'focus'; a model
+    without a focus head is never degraded."""
+    for card, degrades in ((FAKE_FOCUS_CARD, True), (FAKE_CARD, False)):
+        client = client_for(FakeEngine(card=card), brownout_wait_s=1e-6)
+        assert detect(client).status_code == 200  # the batcher has measured a drain rate
+        state = client.app.state.snipserve  # type: ignore[attr-defined]
+        batcher = batcher_of(state)
+        large = (4000, 3000)
+        opts, _ = under_load(state, DetectOptions(), large, Route())
+        assert opts.preset == "default"  # idle: nothing ahead of it
+        ahead = [batcher.admit(4) for _ in range(5)]  # admitted, decoding: served before the large image
+        try:
+            opts, _ = under_load(state, DetectOptions(), large, Route())
+            assert (opts.preset == "focus") is degrades
+            explicit, _ = under_load(state, DetectOptions(preset="pyramid"), large, Route())
+            assert explicit.preset == "pyramid"  # what the client chose is kept
+        finally:
+            for r in ahead:
+                batcher.release(r)

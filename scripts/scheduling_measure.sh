@@ -12,8 +12,9 @@ port=8793
 py=${PYTHON:-.venv/bin/python}
 mix=${MIX:-640x480:4,1920x1080:1}
 
-serve() {  # $1 = schedule, $2 = bound or empty
-  env SNIPSERVE_SCHEDULE="$1" ${2:+SNIPSERVE_MAX_QUEUE_WAIT_S=$2} SNIPSERVE_MAX_IN_FLIGHT=1000 \
+serve() {  # $1 = schedule, $2 = bound or empty, $3 = more VAR=value settings
+  # before: no time bound, no brownout, no headroom (the service as it was); after: the shipped defaults + the bound
+  env SNIPSERVE_SCHEDULE="$1" ${2:+SNIPSERVE_MAX_QUEUE_WAIT_S=$2} ${3:-} SNIPSERVE_MAX_IN_FLIGHT=1000 \
     SNIPSERVE_PORT=$port "$py" -m service.cli serve --host 127.0.0.1 --port $port > "$out/scheduling_$1.log" 2>&1 &
   echo $!
 }
@@ -23,7 +24,7 @@ wait_ready() {
 }
 
 mkdir -p "$out"
-pid=$(serve fifo "")
+pid=$(serve fifo "" "SNIPSERVE_BROWNOUT_WAIT_S=0 SNIPSERVE_ADMISSION_HEADROOM=0")
 wait_ready
 "$py" -m loadtest.scheduling --url "http://127.0.0.1:$port" --mix "$mix" --seconds "$secs" \
   --label "before: fifo, no time bound" --json "$out/scheduling_before.json"

@@ -108,7 +108,7 @@ class BatcherConfig(BaseModel):
         lt=1,
         description="Share of the admission rate held back when admission by time plans (a promise of 8 s is then "
         "planned as if the queue drained this much slower): room for the rate falling after a request is admitted. "
-        "snipserve_admission_lateness_seconds shows how late admitted requests' chips complete against the plan.",
+        "snipserve_admission_lateness_seconds shows how admitted requests' chips complete against their deadline.",
     )
     drain_smoothing: float = Field(
         default=0.2, gt=0, le=1, description="Weight of the newest request in the merge-time moving average."
@@ -127,7 +127,6 @@ class Reservation:
     hard: float
     priority: Priority
     by_bound: bool  # the queueing bound, not the client's deadline, sets ``hard``
-    projected: float  # when admission projected its chips done (time.monotonic(); nan: no rate measured yet)
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
@@ -147,7 +146,7 @@ class Submission:
     # these chips). A focus run sizes each level by its whole pyramid, so a large image's levels, queued one after
     # another, keep a large image's target and do not pass smaller requests because each level alone is small.
     target_chips: int | None = None
-    final: bool = True  # the request's last chips (a focus run's finest level): admission's promise is checked on them
+    final: bool = True  # the request's last chips (a focus run's finest level): their lateness is observed
 
 
 NEW_REQUEST = Submission()
@@ -172,7 +171,7 @@ class ChipWork:
     started: float | None = None
     want_focus: bool = False
     focus: np.ndarray | None = None  # float32 [K, h, w]: the chips' focus maps, when ``want_focus``
-    projected: float = math.nan  # the request's last chips: when admission projected them done (else nan)
+    promised: bool = False  # the request's last chips, due by ``hard``: their lateness against it is observed
 
     @property
     def remaining(self) -> int:
@@ -361,13 +360,8 @@ class Batcher:
             target, hard, by_bound = how.reservation.target, how.reservation.hard, how.reservation.by_bound
         else:
             target, hard, by_bound = self._targets(how.target_chips or n, deadline, how.arrival)
-        projected = math.nan
         if not how.continuation:
-            projected = self._admit_by_time(n, target, hard, priority, by_bound)
-        if how.reservation is not None:  # the promise made when the request was admitted
-            projected = how.reservation.projected
-        if not how.final:
-            projected = math.nan
+            self._admit_by_time(n, target, hard, priority, by_bound)
         fut: asyncio.Future[ChipDetections] = asyncio.get_running_loop().create_future()
         work = ChipWork(
             plan=plan,
@@ -378,7 +372,7 @@ class Batcher:
             target=target,
             hard=hard,
             want_focus=how.want_focus,
-            projected=projected,
+            promised=how.final and math.isfinite(hard),
         )
         self._lanes[priority].append(work)
         self._lane_pending[priority] += n
@@ -475,8 +469,8 @@ class Batcher:
         ``Submission``) or :meth:`release`, and its target (edf: sized by ``target_chips``, default ``n``; a focus
         run reserves the chips it is expected to run and is sized by its whole pyramid) for all its submissions."""
         target, hard, by_bound = self._targets(target_chips or n, deadline, arrival)
-        projected = self._admit_by_time(n, target, hard, priority, by_bound)
-        reservation = Reservation(n, target, hard, priority, by_bound, projected)
+        self._admit_by_time(n, target, hard, priority, by_bound)
+        reservation = Reservation(n, target, hard, priority, by_bound)
         self._reserved[priority].append(reservation)
         return reservation
 
@@ -502,12 +496,11 @@ class Batcher:
         own = n / self._chips_per_s
         return min(hard, start + self.config.edf_stretch * own + self.config.edf_slack_s), hard, by_bound
 
-    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> float:
-        """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring); admitted: when
-        its chips are projected done (``time.monotonic()``; nan before a rate is measured)."""
+    def _admit_by_time(self, n: int, target: float, hard: float, priority: Priority, by_bound: bool) -> None:
+        """Refuse at once (503) what cannot complete by its hard deadline (see the module docstring)."""
         rate = self.planning_rate
         if rate <= 0:
-            return math.nan
+            return
         now = time.monotonic()
         schedule = self._edf_schedule(priority, now, rate) if self.config.schedule == "edf" else None
         if schedule is not None:
@@ -516,7 +509,7 @@ class Batcher:
             own_done, late_until = now + (self.chips_ahead(n, target, priority) + n) / rate, now
         metrics.QUEUE_ESTIMATED_WAIT.set(own_done - now)
         if own_done <= hard and late_until <= now:
-            return own_done
+            return
         if not by_bound and now + n / rate > hard:  # not even an empty queue would do: retrying cannot help
             raise DeadlineExceeded(
                 f"the request's deadline ({hard - now + self._finish(n):.3f} s) is shorter than its own {n} chips "
@@ -725,6 +718,6 @@ class Batcher:
             work.timings["infer"] += infer_s
             work.done += n
             if work.done == work.plan.num_chips:
-                if not math.isnan(work.projected):
-                    metrics.ADMISSION_LATENESS.observe(time.monotonic() - work.projected)
+                if work.promised:
+                    metrics.ADMISSION_LATENESS.observe(time.monotonic() - work.hard)
                 work.future.set_result(ChipDetections.concat(work.parts))

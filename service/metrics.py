@@ -99,9 +99,9 @@ QUEUE_ESTIMATED_WAIT = Gauge(
 )
 ADMISSION_LATENESS = Histogram(
     "snipserve_admission_lateness_seconds",
-    "A request's chips completed minus when admission by time projected them done (negative: early). Admission "
-    "keeps its promises while this stays under the bound's slack.",
-    buckets=(-8, -4, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 4),
+    "A request's chips completed minus the hard deadline admission by time held them to (the queueing bound or the "
+    "client's deadline, less the reply's measured time); negative: early. Above 0: a broken promise.",
+    buckets=(-30, -10, -5, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 5),
     registry=REGISTRY,
 )
 QUEUE_CAPACITY = Gauge("snipserve_queue_capacity_chips", "Chips the queue admits before rejecting.", registry=REGISTRY)

@@ -69,3 +69,38 @@ def test_card_evaluation_replaces_only_the_evaluation(tmp_path: Path) -> None:
     ev = yaml.safe_load(text)["evaluation"]
     assert ev["real_val"]["pyramid"]["per_class_AP50"] == {"boat": 0.4}
     assert "per_source_AP50" not in ev["synthetic_val"]["pyramid"]
+
+
+def test_focus_per_level_thresholds_span_pyramid_to_coarsest_level(tmp_path: Path) -> None:
+    """Threshold 0 at every step plans exactly the pyramid (same chips, same AP); above 1 at every step only the
+    coarsest level runs; a combo naming one step leaves the others at the card's threshold."""
+    import focus_per_level
+
+    from models.synth import SynthConfig, write_dataset
+
+    data = tmp_path / "synth"
+    write_dataset(data, 2, 5, SynthConfig(min_long_side=640, max_long_side=800))
+    all_zero = {0: 0.0, 1: 0.0, 2: 0.0}
+    out = tmp_path / "pl.json"
+    assert (
+        focus_per_level.main(
+            [
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--threads",
+                "1",
+                "--combo",
+                "0=0,1=0,2=0",
+                "--combo",
+                "0=2,1=2,2=2",
+            ]
+        )
+        == 0
+    )
+    pyramid, zero, none = json.loads(out.read_text())["rows"]
+    assert zero["thresholds"] == {str(k): v for k, v in all_zero.items()}
+    assert zero["chips_per_image_by_level"] == pyramid["chips_per_image_by_level"] and zero["AP"] == pyramid["AP"]
+    assert none["chips_per_image_by_level"][:-1] == [0.0] * (len(pyramid["chips_per_image_by_level"]) - 1)
+    assert focus_per_level.parse_combo("0=0.05,1=0.2") == {0: 0.05, 1: 0.2}

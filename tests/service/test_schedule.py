@@ -391,31 +391,37 @@ def test_admission_plans_with_headroom_below_the_admission_rate(monkeypatch: pyt
                 b.admit(99)
 
 
-async def test_lateness_against_the_projection_is_observed_once_per_request() -> None:
-    """Each admitted request's chips, when done, are compared with the completion admission projected for them
+async def test_lateness_against_the_promise_is_observed_once_per_request() -> None:
+    """Each admitted request's chips, when done, are compared with the hard deadline admission held them to
     (``snipserve_admission_lateness_seconds``): once per request, at its final submission, a focus run's earlier
-    levels not counted."""
+    levels not counted; a request with no deadline at all is not observed."""
     from service import metrics
 
-    def count() -> float:
-        return metrics.REGISTRY.get_sample_value("snipserve_admission_lateness_seconds_count") or 0.0
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(f"snipserve_admission_lateness_seconds_{name}", labels) or 0.0
 
     engine = FakeEngine(max_batch=4, delay=0.01)
     b = make_batcher(engine, max_batch=4, max_delay_ms=0.0, schedule="edf", max_queue_wait_s=30.0)
     await b.start()
     try:
         await measured(b)
-        before = count()
+        count, early = sample("count"), sample("bucket", le="-10.0")
         reservation = b.admit(10, target_chips=40)
-        assert reservation.projected > time.monotonic()
         first = await b.submit(*work_for(4), threshold=0.5, how=Submission(reservation=reservation, final=False))
         await first.future
-        assert count() == before
-        assert math.isnan(first.projected)
+        assert sample("count") == count and not first.promised
         how = Submission(continuation=True, reservation=reservation)
         last = await b.submit(*work_for(6), threshold=0.5, how=how)
-        assert last.projected == reservation.projected
         await last.future
-        assert count() == before + 1
+        assert sample("count") == count + 1
+        assert sample("bucket", le="-10.0") == early + 1  # done well inside the 30 s bound
     finally:
         await b.stop()
+    unbounded = make_batcher(FakeEngine(max_batch=4), max_batch=4, max_delay_ms=0.0)
+    await unbounded.start()
+    try:
+        work = await unbounded.submit(*work_for(2), threshold=0.5)
+        await work.future
+        assert not work.promised  # no bound, no deadline: nothing was promised
+    finally:
+        await unbounded.stop()

@@ -20,13 +20,14 @@ by its hard deadline (the client's deadline and ``max_queue_wait_s`` after arriv
 follows its own size, and an old large request's target eventually comes first (no starvation). ``fair``: round
 robin, ``fair_quantum`` chips per request per turn (processor sharing). ``fifo``: first in, first out by chip.
 
-Admission by time: a request is refused at once (``QueueFull`` -> 503 + ``Retry-After``) when it cannot complete
-by its hard deadline at the admission rate (the slowest recent busy second's drain rate). Under ``edf`` the check
-is the schedule's own: the lane in target order with the newcomer inserted must complete every request by its hard
-deadline (the newcomer, and anyone it would push late, or later when the rate has fallen since they were admitted),
-so admitted requests finish within the bound as long as the rate holds; ``Retry-After`` is the least wait after
-which the same request sent again would be admitted on that projected schedule (:class:`EdfSchedule`: its target
-and deadline move with the wait, the queue drains meanwhile at the measured rate, faster than the admission rate).
+Admission by time: a request is refused at once (``QueueFull`` -> 503 + ``Retry-After``) when it cannot complete by
+its hard deadline at the planning rate (the slowest recent busy second's drain rate, less ``admission_headroom``).
+Under ``edf`` the check is the schedule's own: the lane in target order with the newcomer inserted must complete
+every request by its hard deadline (the newcomer, and anyone it would push late, or later when the rate has fallen
+since they were admitted), so admitted requests finish within the bound as long as the rate holds; ``Retry-After``
+is the least wait after which the same request sent again would be admitted on that projected schedule
+(:class:`EdfSchedule`: its target and deadline move with the wait, the queue drains meanwhile at the measured rate,
+faster than the admission rate).
 Under ``fair`` and ``fifo`` the newcomer's own estimated completion is checked, and the hint is its lateness.
 Requests admitted but still decoding hold a :class:`Reservation` and count as queued, so that many arriving at once
 cannot all be let into the same room; the reservation carries the request's target for all its submissions.

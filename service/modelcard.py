@@ -115,6 +115,11 @@ class ModelCard(BaseModel):
         """The focus settings, with the fallback's (stride 16, no output) for models without a focus head."""
         return self.focus or FocusSpec()
 
+    @property
+    def has_focus_head(self) -> bool:
+        """Whether the model returns its own focus map (a ``focus.output``), not the detection fallback's."""
+        return self.focus_spec.output is not None
+
     def is_focus(self, preset: str) -> bool:
         """Whether ``preset`` runs FocusChips coarse to fine."""
         return preset == "focus" or (preset == "default" and self.default_mode == "focus")

@@ -184,8 +184,12 @@ class Pipeline:
         levels or object sizes), for brownout under load; None for any other request (it keeps what it asked), and
         for models without a focus head: the detection fallback's accuracy on their data is unmeasured, so their
         requests are not degraded to it behind the client's back (preset 'focus' still runs it when asked)."""
-        head = self.card.focus is not None and self.card.focus.output is not None
-        if not head or not _card_levels(options) or options.preset != "default" or self.card.is_focus("default"):
+        if (
+            not self.card.has_focus_head
+            or not _card_levels(options)
+            or options.preset != "default"
+            or self.card.is_focus("default")
+        ):
             return None
         return options.model_copy(update={"preset": "focus"})
 
@@ -368,7 +372,7 @@ class Pipeline:
         maps. ``continuation``: a later part of the request (a focus run's finer level)."""
         if plan.num_chips == 0:
             return ChipDetections.empty(), None
-        want_focus = self.card.focus is not None and self.card.focus.output is not None
+        want_focus = self.card.has_focus_head
         final = plan is prepared.plan or bool((plan.chips[:, 0] == 0).all())  # the whole plan, or the finest level
         how = Submission(route.arrival, want_focus, continuation, route.reservation, prepared.plan.num_chips, final)
         work = await batcher.submit(plan, prepared.level_images, threshold, route.deadline, route.priority, how)

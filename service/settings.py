@@ -96,8 +96,8 @@ class Settings(BaseSettings):
         ge=0,
         description="Brownout: a request for the model's default pyramid that would wait longer than this for other "
         "requests' chips on the current schedule (at the planning rate; its own chips not counted) runs the 'focus' "
-        "preset instead (about 3x fewer chips; the response says mode 'focus'). Only for models with a focus head; "
-        "preset=pyramid is never degraded; 0: never.",
+        "preset instead (about 3x fewer chips; the response says mode 'focus'). /v1/detect requests of models with a "
+        "focus head only (streams and batches keep their pyramid); preset=pyramid is never degraded; 0: never.",
     )
     max_in_flight: int = Field(default=64, ge=1, description="Concurrent detection requests at most; beyond it 503.")
     bulk_max_in_flight: int = Field(default=32, ge=1, description="Concurrent streaming/batch requests at most.")

@@ -384,11 +384,12 @@ def under_load(
     Brownout (``SNIPSERVE_BROWNOUT_WAIT_S``): a request for the default pyramid that would wait longer than the
     setting for other requests' chips on the current schedule runs 'focus' instead -- under a size-aware schedule
     those are the large requests behind a queue, where shedding chips shortens everyone's wait. Its own chips do not
-    count: a large image on an idle service runs as asked. Others run as asked."""
+    count: a large image on an idle service runs as asked. Bulk-lane requests and others run as asked."""
     pipeline, batcher = pipeline_of(state), batcher_of(state)
     need = pipeline.admission_chips(size, options)
     limit = state.settings.brownout_wait_s
-    degraded = pipeline.brownout_options(options) if limit > 0 else None
+    # the bulk lane (streams, batch NDJSON) waits behind interactive chips by design: it trades latency, not accuracy
+    degraded = pipeline.brownout_options(options) if limit > 0 and route.priority == "interactive" else None
     if degraded is None:
         return options, need
     wait = batcher.queue_ahead_s(need.chips, route.deadline, route.priority, route.arrival)

@@ -279,7 +279,7 @@ def test_a_request_that_fails_after_admission_releases_its_place(client_for: Cal
 def test_brownout_degrades_only_requests_waiting_behind_others(client_for: Callable[..., TestClient]) -> None:
     """Brownout compares the wait for *other* requests' chips with its limit: a large image on an idle service runs
     the pyramid it asked for, however long its own chips take; behind admitted requests it runs 'focus'; a model
-    without a focus head is never degraded."""
+    without a focus head, an explicit pyramid and the bulk lane are never degraded."""
     for card, degrades in ((FAKE_FOCUS_CARD, True), (FAKE_CARD, False)):
         client = client_for(FakeEngine(card=card), brownout_wait_s=1e-6)
         assert detect(client).status_code == 200  # the batcher has measured a drain rate
@@ -294,6 +294,8 @@ def test_brownout_degrades_only_requests_waiting_behind_others(client_for: Calla
             assert (opts.preset == "focus") is degrades
             explicit, _ = under_load(state, DetectOptions(preset="pyramid"), large, Route())
             assert explicit.preset == "pyramid"  # what the client chose is kept
+            bulk, _ = under_load(state, DetectOptions(), large, Route(priority="bulk"))
+            assert bulk.preset == "default"  # streams and batches trade latency, not accuracy
         finally:
             for r in ahead:
                 batcher.release(r)

@@ -5,7 +5,9 @@ Poisson runs at fractions of it (default 0.3, 0.5, 0.7, 0.9) and one overload ru
 latency percentiles of admitted requests (overall and per image of the mix), the share refused, and for refusals
 (503) how ``Retry-After`` compares with the wait that was actually needed: the time from the refusal until the
 next request of the same image was admitted (an upper bound on the needed wait: arrivals sample it), and whether
-the hint is within 2x of a wait between that and the last refusal of the same image before it. For admitted
+the hint is within 2x of a wait between that and the last refusal of the same image before it (``--probe-retries``:
+each refused client also retries once after 0.5, 1 or 2 times its hint, and the share admitted is reported per
+factor -- the hint tested by clients that follow it). For admitted
 requests it also splits the latency by the response's own ``timings``: the handler's ``total`` (from the body read
 to the reply) and ``queue_wait``, and what lies outside the handler (connection, upload, HTTP parsing, response).
 
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +60,63 @@ async def _send(
     return r.status_code, float(retry) if retry is not None else None, precise, timings
 
 
-async def open_loop(
-    url: str, mix: list[MixImage], rate: float, seconds: float, seed: int, params: dict[str, str]
-) -> list[Row]:
-    schedule = offsets("poisson", rate, seconds, seed)
-    picks = np.random.default_rng(seed + 1).choice(len(mix), size=schedule.size, p=weights(mix))
+Probe = tuple[float, int, float, float, int]
+# a refusal's retry: intended send of the refused request, pick, its retry_after_s, the factor the retry waited
+# (x retry_after_s), the retry's status
+
+
+@dataclass(frozen=True)
+class OpenLoop:
+    """One open-loop run: Poisson arrivals at ``rate`` for ``seconds`` (``seed``), images drawn from ``mix``, query
+    ``params`` on every request. ``probe``: every refused request whose body has ``retry_after_s`` is sent once more
+    after that hint times a factor drawn from :data:`PROBE_FACTORS` -- clients that honour the hint, early or late:
+    how often each gets in says whether the hint is the wait needed."""
+
+    url: str
+    mix: list[MixImage]
+    rate: float
+    seconds: float
+    seed: int
+    params: dict[str, str] = field(default_factory=dict)
+    probe: bool = False
+
+
+async def open_loop(run: OpenLoop, transport: httpx.AsyncBaseTransport | None = None) -> tuple[list[Row], list[Probe]]:
+    """The rows of ``run``'s requests, and its retry probes (empty without ``run.probe``)."""
+    schedule = offsets("poisson", run.rate, run.seconds, run.seed)
+    rng = np.random.default_rng(run.seed + 1)
+    picks = rng.choice(len(run.mix), size=schedule.size, p=weights(run.mix))
     rows: list[Row] = []
+    probes: list[Probe] = []
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=run.url, timeout=120.0, limits=limits, transport=transport) as client:
         start = time.perf_counter()
 
         async def one(intended: float, pick: int) -> None:
-            status, retry, precise, timings = await _send(client, mix[pick], params)
+            status, retry, precise, timings = await _send(client, run.mix[pick], run.params)
             rows.append((intended, time.perf_counter() - start, status, pick, retry, precise, timings))
+            if run.probe and status == 503 and precise is not None:
+                factor = float(rng.choice(PROBE_FACTORS))
+                await asyncio.sleep(factor * precise)
+                again = (await _send(client, run.mix[pick], run.params))[0]
+                probes.append((intended, pick, precise, factor, again))
 
         await fire_at(schedule, picks, start, one)
-    return rows
+    return rows, probes
+
+
+PROBE_FACTORS = (0.5, 1.0, 2.0)
+
+
+def probe_summary(probes: list[Probe], warmup: float) -> dict[str, dict[str, float]]:
+    """Per factor: retries sent after ``factor x retry_after_s`` and the share admitted. A hint within 2x of the
+    needed wait has most retries at 2x admitted; an exact one about as many at 1x, and fewer at 0.5x."""
+    out = {}
+    for f in PROBE_FACTORS:
+        got = [p[4] == 200 for p in probes if p[3] == f and p[0] >= warmup]
+        if got:
+            out[f"{f:g}x"] = {"n": len(got), "admitted_share": round(float(np.mean(got)), 3)}
+    return out
 
 
 async def capacity(url: str, mix: list[MixImage], seconds: float, workers: int, params: dict[str, str]) -> float:
@@ -200,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="", help="name of this configuration in the report")
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--rows", type=Path, default=None, help="also write each load's raw rows here (rows_LOAD.jsonl)")
+    p.add_argument(
+        "--probe-retries",
+        action="store_true",
+        help="resend each refused request once after its retry_after_s x 0.5, 1 or 2 (at random): share admitted",
+    )
     args = p.parse_args(argv)
     params = dict(kv.split("=", 1) for kv in args.param)
     mix = parse_mix(args.mix)
@@ -207,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capacity {cap:.2f} images/s", flush=True)
     runs = []
     for k, f in enumerate(float(x) for x in args.loads.split(",")):
-        rows = asyncio.run(open_loop(args.url, mix, f * cap, args.seconds, 100 + k, params))
+        run = OpenLoop(args.url, mix, f * cap, args.seconds, 100 + k, params, args.probe_retries)
+        rows, probes = asyncio.run(open_loop(run))
         s = {"load": f, "rate": round(f * cap, 3)} | summarize(rows, mix, args.warmup)
+        if args.probe_retries:
+            s["retry_probe"] = probe_summary(probes, args.warmup)
         if args.rows is not None:
             write_rows(args.rows / f"rows_{f:g}.jsonl", rows)
         print(json.dumps(s), flush=True)

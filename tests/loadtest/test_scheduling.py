@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
+import httpx
+
 from loadtest.images import parse_mix
-from loadtest.scheduling import summarize, write_rows
+from loadtest.scheduling import OpenLoop, open_loop, probe_summary, summarize, write_rows
 
 
 def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
@@ -46,3 +50,27 @@ def test_raw_rows_are_written_one_json_object_per_request_in_send_order(tmp_path
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["sent"] for x in lines] == [1.0, 2.0]
     assert lines[0]["timings"] == {"total": 0.15} and lines[1]["retry_after_s"] == 0.25 and lines[1]["image"] == 1
+
+
+def test_retry_probes_follow_the_hint_and_score_it_per_factor() -> None:
+    """A service that refuses everything until an opening time and hints exactly the wait until it: retries after
+    the hint (or twice it) all get in, retries after half of it are refused again."""
+    opening: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        now = time.perf_counter()
+        if not opening:
+            opening.append(now + 0.3)
+        if now < opening[0]:
+            body = {"error": {"retry_after_s": opening[0] - now}}
+            return httpx.Response(503, json=body, headers={"retry-after": "1"})
+        return httpx.Response(200, json={"timings": {"total": 1.0}})
+
+    run = OpenLoop("http://svc", parse_mix("64x48:1"), rate=40.0, seconds=0.25, seed=7, probe=True)
+    rows, probes = asyncio.run(open_loop(run, httpx.MockTransport(handler)))
+    refused = [r for r in rows if r[2] == 503]
+    assert refused and len(probes) == len(refused)
+    summary = probe_summary(probes, warmup=0.0)
+    assert summary["1x"]["admitted_share"] == 1.0 and summary["2x"]["admitted_share"] == 1.0
+    assert summary["0.5x"]["admitted_share"] == 0.0
+    assert sum(v["n"] for v in summary.values()) == len(probes)

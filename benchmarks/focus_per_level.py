@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.evaluate import EvalConfig, coco_scores, mode_options, read_rgb  # noqa: E402
-from models.focus_eval import ChipCache, _coco_dets, _dataset  # noqa: E402
+from models.focus_eval import ChipCache, _coco_dets, _dataset, replay  # noqa: E402
 from service.focus import FocusConfig, FocusRun  # noqa: E402
 from service.plan import ChipPlan  # noqa: E402
 
@@ -71,10 +71,7 @@ def run(data: Path, model: Path, combos: list[dict[int, float]], threads: int = 
         results = {"pyramid": pipe.finish(prepared, cache.get(prepared.plan.chips)[0], pyramid)}
         for key, combo in zip(keys[1:], combos, strict=True):
             walk = PerLevelRun(prepared.plan, focus, prepared.threshold, combo)
-            while (chips := walk.next_chips()) is not None:
-                walk.add(chips, *cache.get(chips))
-            fresh = type(prepared)(prepared.plan, prepared.level_images, prepared.threshold, dict(prepared.timings))
-            results[key] = pipe.finish_focus(fresh, walk, focus_opts)
+            results[key] = replay(pipe, prepared, cache, focus_opts, walk)
         for key, res in results.items():
             dets[key] += _coco_dets(res, im["id"], cat_ids)
             by_level[key][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))

@@ -60,6 +60,7 @@ async def _send(
     return r.status_code, float(retry) if retry is not None else None, precise, timings
 
 
+PROBE_FACTORS = (0.5, 1.0, 2.0)  # a refused client's retry waits its retry_after_s times one of these
 Probe = tuple[float, int, float, float, int]
 # a refusal's retry: intended send of the refused request, pick, its retry_after_s, the factor the retry waited
 # (x retry_after_s), the retry's status
@@ -103,9 +104,6 @@ async def open_loop(run: OpenLoop, transport: httpx.AsyncBaseTransport | None = 
 
         await fire_at(schedule, picks, start, one)
     return rows, probes
-
-
-PROBE_FACTORS = (0.5, 1.0, 2.0)
 
 
 def probe_summary(probes: list[Probe], warmup: float) -> dict[str, dict[str, float]]:

@@ -64,11 +64,11 @@ class ChipCache:
         return _subset(self.dets, rows, len(self.rows)), None if self.maps is None else self.maps[rows]
 
 
-def replay(pipe: Any, prepared: Any, cache: ChipCache, options: Any) -> Any:
-    """The focus result of ``options`` from one image's chip cache (``prepared.plan`` = the pyramid)."""
-    focus = pipe.focus_config(options)
+def replay(pipe: Any, prepared: Any, cache: ChipCache, options: Any, run: FocusRun | None = None) -> Any:
+    """The focus result of ``options`` from one image's chip cache (``prepared.plan`` = the pyramid). ``run``: the
+    coarse-to-fine walk to replay (a variant's, for experiments); default the service's own for ``options``."""
     full = prepared.plan
-    run = FocusRun(full, focus, prepared.threshold)
+    run = run or FocusRun(full, pipe.focus_config(options), prepared.threshold)
     while (chips := run.next_chips()) is not None:
         run.add(chips, *cache.get(chips))
     fresh = type(prepared)(full, prepared.level_images, prepared.threshold, dict(prepared.timings))

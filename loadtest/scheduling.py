@@ -117,11 +117,18 @@ def probe_summary(probes: list[Probe], warmup: float) -> dict[str, dict[str, flo
     return out
 
 
-async def capacity(url: str, mix: list[MixImage], seconds: float, workers: int, params: dict[str, str]) -> float:
-    """Images/s with ``workers`` clients back to back (closed loop), the mix drawn by its weights."""
+async def capacity(
+    url: str,
+    mix: list[MixImage],
+    seconds: float,
+    workers: int,
+    params: dict[str, str],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> float:
+    """Images/s admitted (200) with ``workers`` clients back to back (closed loop), the mix drawn by its weights."""
     rng = np.random.default_rng(7)
     done = 0
-    async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, transport=transport) as client:
         stop = time.perf_counter() + seconds
 
         async def worker() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from loadtest.images import parse_mix
-from loadtest.scheduling import OpenLoop, open_loop, probe_summary, summarize, write_rows
+from loadtest.scheduling import OpenLoop, capacity, open_loop, probe_summary, summarize, write_rows
 
 
 def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
@@ -74,3 +74,20 @@ def test_retry_probes_follow_the_hint_and_score_it_per_factor() -> None:
     assert summary["1x"]["admitted_share"] == 1.0 and summary["2x"]["admitted_share"] == 1.0
     assert summary["0.5x"]["admitted_share"] == 0.0
     assert sum(v["n"] for v in summary.values()) == len(probes)
+
+
+def test_capacity_counts_admitted_images_per_second_of_the_closed_loop() -> None:
+    """Workers send back to back for the run's length; only 200s count (a refusal is no capacity)."""
+    statuses: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.01)
+        statuses.append(503 if len(statuses) % 3 == 2 else 200)
+        return httpx.Response(statuses[-1], json={"timings": {"total": 10.0}})
+
+    t0 = time.perf_counter()
+    rate = asyncio.run(capacity("http://svc", parse_mix("64x48:1"), 0.3, 2, {}, httpx.MockTransport(handler)))
+    elapsed = time.perf_counter() - t0
+    ok = statuses.count(200)
+    assert ok > 10 and statuses.count(503) > 0  # both workers ran for the whole 0.3 s
+    assert ok / elapsed <= rate <= ok / 0.3  # the 200s over the loop's own wall clock

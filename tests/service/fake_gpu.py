@@ -431,6 +431,10 @@ class OnnxFakeEngine(FakeEngine):
         }
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
+        # Q/DQ pairs run as written (quantize, dequantize, float ops), as TensorRT's explicit quantization computes
+        # them: fused into ONNX Runtime's int8 kernels, x86 CPUs without VNNI (AVX2's u8s8 path) can saturate the
+        # products, an error of the CPU kernel that TensorRT does not have
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
     def get_tensor_mode(self, name: str) -> TensorIOMode:

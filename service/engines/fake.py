@@ -87,7 +87,7 @@ class FakeEngine:
             dets = dets[:m]
             if dets:
                 out[i, : len(dets)] = np.asarray(dets, np.float32)
-        if self.card.focus is None or self.card.focus.output is None:
+        if not self.card.has_focus_head:
             return [out]
         return [out, self._focus(batch)]
 

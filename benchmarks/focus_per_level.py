@@ -13,7 +13,6 @@ the ratio of the pyramid's chips and the AP points lost.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.evaluate import EvalConfig, coco_scores, mode_options, read_rgb  # noqa: E402
-from models.focus_eval import ChipCache, _coco_dets, _dataset, replay  # noqa: E402
+from models.focus_eval import Walk, compare_walks, report_walks, walk_parser  # noqa: E402
 from service.focus import FocusConfig, FocusRun  # noqa: E402
 from service.plan import ChipPlan  # noqa: E402
 
@@ -49,62 +47,24 @@ def parse_combo(text: str) -> dict[int, float]:
     return {int(k): float(v) for k, v in (part.split("=", 1) for part in text.split(","))}
 
 
+def _walk(combo: dict[int, float]) -> Walk:
+    return lambda full, cfg, threshold, _boxes, _classes: PerLevelRun(full, cfg, threshold, combo)
+
+
 def run(data: Path, model: Path, combos: list[dict[int, float]], threads: int = 2) -> list[dict[str, Any]]:
     """One row per configuration: 'pyramid' first, then each combo."""
-    from service.engines import EngineConfig
-    from service.pipeline import Pipeline
-
-    cfg = EvalConfig()
-    coco, items = _dataset(data, None)
-    pipe = Pipeline.load(model, EngineConfig(intra_op_threads=threads, max_batch=16))
-    pyramid = mode_options("pyramid", pipe.card.input_size, cfg)
-    focus_opts = mode_options("focus", pipe.card.input_size, cfg)
-    focus = pipe.focus_config(focus_opts)
-    assert focus is not None
-    cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
-    keys = ["pyramid"] + [json.dumps(c) for c in combos]
-    dets: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
-    by_level = {k: np.zeros(len(pipe.card.default_levels), np.int64) for k in keys}
-    for im, (path, _, _) in zip(coco["images"], items, strict=True):
-        prepared = pipe.prepare(read_rgb(path), pyramid)
-        cache = ChipCache(pipe, prepared)
-        results = {"pyramid": pipe.finish(prepared, cache.get(prepared.plan.chips)[0], pyramid)}
-        for key, combo in zip(keys[1:], combos, strict=True):
-            walk = PerLevelRun(prepared.plan, focus, prepared.threshold, combo)
-            results[key] = replay(pipe, prepared, cache, focus_opts, walk)
-        for key, res in results.items():
-            dets[key] += _coco_dets(res, im["id"], cat_ids)
-            by_level[key][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))
-    scores = {k: coco_scores(coco, v) for k, v in dets.items()}
-    n, base = len(items), scores["pyramid"]
-    pyramid_chips = by_level["pyramid"].sum()
-    return [
-        {
-            "thresholds": None if k == "pyramid" else json.loads(k),
-            "AP": round(scores[k]["AP"], 4),
-            "AP_S": round(scores[k]["AP_S"], 4),
-            "chips_per_image": round(by_level[k].sum() / n, 2),
-            "chips_per_image_by_level": (by_level[k] / n).round(2).tolist(),
-            "chips_ratio": round(pyramid_chips / max(by_level[k].sum(), 1), 3),
-            "AP_lost_points": round(100 * (base["AP"] - scores[k]["AP"]), 2),
-        }
-        for k in keys
-    ]
+    walks = {json.dumps(c): _walk(c) for c in combos}
+    rows = compare_walks(data, model, walks, threads, progress=False)
+    names = [r.pop("name") for r in rows]
+    return [{"thresholds": None if n == "pyramid" else json.loads(n), **r} for n, r in zip(names, rows, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--model", type=Path, default=MODEL)
+    p = walk_parser(__doc__.splitlines()[0], MODEL)
     p.add_argument("--combo", action="append", required=True, type=parse_combo, help="K=T,... (level 0 = finest)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     rows = run(args.data, args.model, args.combo, args.threads)
-    for r in rows:
-        print(json.dumps(r))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"data": str(args.data), "model": str(args.model), "rows": rows}, indent=1) + "\n")
+    report_walks(rows, args.data, args.model, args.json)
     return 0
 
 

@@ -171,11 +171,27 @@ def _retry_waits(rows: list[Row], col: int, warmup: float) -> np.ndarray:
     return np.asarray(waits, np.float64).reshape(-1, 4)
 
 
+def best_rescale(ratios: np.ndarray) -> tuple[float, float]:
+    """(c, share): the constant ``c`` for which hints ``c x hint`` would be within 2x of the needed wait for the
+    largest share of refusals, and that share (``ratios``: hint over needed). It tells bias from spread: when the
+    best share is hardly above the hints' own, no calibration of the hint by a factor can close the gap -- the
+    needed wait varies more than 4x (a 2x band each way) around any multiple of the hint."""
+    logs = np.sort(np.log(np.maximum(ratios, 1e-9)))
+    if logs.size == 0:
+        return 1.0, 0.0
+    ends = np.searchsorted(logs, logs + np.log(4.0), side="right")  # hints c x r within [r / 2, 2r] of needed
+    i = int(np.argmax(ends - np.arange(logs.size)))
+    centre = (logs[i] + logs[ends[i] - 1]) / 2  # the middle of the covered ratios, in log
+    return float(np.exp(-centre)), float((ends[i] - i) / logs.size)
+
+
 def _retry_summary(waits: np.ndarray) -> dict[str, float]:
-    """The hint over the needed wait's upper bound (percentiles, share within 2x), and the share of hints within 2x of
-    some wait the bounds allow (the sampling of arrivals cannot tell those apart from exact ones)."""
+    """The hint over the needed wait's upper bound (percentiles, share within 2x), the share of hints within 2x of
+    some wait the bounds allow (the sampling of arrivals cannot tell those apart from exact ones), and the best
+    share any constant multiple of the hint would reach (:func:`best_rescale`)."""
     _, hint, lower, upper = waits.T
     ratios = hint / np.maximum(upper, 1e-3)
+    c, share = best_rescale(ratios)
     return {
         "n": int(ratios.size),
         "p10": round(percentile(ratios, 10), 2),
@@ -183,6 +199,8 @@ def _retry_summary(waits: np.ndarray) -> dict[str, float]:
         "p90": round(percentile(ratios, 90), 2),
         "share_within_2x": round(float(((ratios >= 0.5) & (ratios <= 2.0)).mean()), 3),
         "share_within_2x_of_bounds": round(float(((upper >= hint / 2) & (lower < 2 * hint)).mean()), 3),
+        "best_rescale": round(c, 3),
+        "share_within_2x_best_rescale": round(share, 3),
     }
 
 

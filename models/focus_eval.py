@@ -14,8 +14,10 @@ against ``Pipeline.detect``). Timing (images/s) needs a real run: ``--mode focus
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,12 @@ import numpy as np
 from models.evaluate import METRICS, EvalConfig, coco_scores, mode_options, read_rgb
 from models.synth import load_coco
 from service.adapters import ChipDetections
-from service.focus import FocusRun
+from service.focus import FocusConfig, FocusRun
+from service.plan import ChipPlan
+
+# A coarse-to-fine walk to compare with the pyramid: (pyramid plan, focus config, score threshold, the image's
+# ground-truth boxes xyxy px, their classes) -> the FocusRun to replay. Ground truth is for oracle experiments.
+Walk = Callable[[ChipPlan, FocusConfig, float, np.ndarray, np.ndarray], FocusRun]
 
 GOAL_RATIO = 2.5  # the issue's goal: at least this many times fewer chips per image ...
 GOAL_AP_LOST = 1.0  # ... for at most this many AP points lost, on every split
@@ -142,6 +149,77 @@ def sweep(
         "method": "one pyramid pass per image; each threshold replays service.focus.FocusRun on cached chip outputs "
         "(placed FocusChips outside the pyramid's tiling run once per image)",
     }
+
+
+def compare_walks(
+    data_dir: Path, model_path: Path | None, walks: dict[str, Walk], threads: int = 2, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Pyramid and each named coarse-to-fine walk (a :class:`FocusRun` variant, for experiments) on the dataset
+    at ``data_dir``: one row each ('pyramid' first) with AP, AP_S, AP_M, chips per image (and per level), the
+    pyramid's chips over the walk's, and AP points lost. Each image runs once through the pyramid; every walk
+    replays on the cached chip outputs, as :func:`sweep` does, so a row is what the service would serve with it."""
+    from service.engines import EngineConfig
+    from service.pipeline import Pipeline
+
+    cfg = EvalConfig()
+    coco, items = _dataset(data_dir, None)
+    pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=threads, max_batch=16))
+    pyramid = mode_options("pyramid", pipe.card.input_size, cfg)
+    focus_opts = mode_options("focus", pipe.card.input_size, cfg)
+    focus = pipe.focus_config(focus_opts)
+    if focus is None:
+        raise ValueError(f"{model_path}: the model card has no focus settings")
+    cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    keys = ["pyramid", *walks]
+    dets: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+    by_level = {k: np.zeros(len(pipe.card.default_levels), np.int64) for k in keys}
+    it: Any = list(zip(coco["images"], items, strict=True))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=f"walks {list(walks)}", unit="img")
+    for im, (path, boxes, classes) in it:
+        prepared = pipe.prepare(read_rgb(path), pyramid)
+        cache = ChipCache(pipe, prepared)
+        results = {"pyramid": pipe.finish(prepared, cache.get(prepared.plan.chips)[0], pyramid)}
+        for key, walk in walks.items():
+            run = walk(prepared.plan, focus, prepared.threshold, boxes, classes)
+            results[key] = replay(pipe, prepared, cache, focus_opts, run)
+        for key, res in results.items():
+            dets[key] += _coco_dets(res, im["id"], cat_ids)
+            by_level[key][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))
+    scores = {k: coco_scores(coco, v) for k, v in dets.items()}
+    n, base, pyramid_chips = max(len(items), 1), scores["pyramid"], by_level["pyramid"].sum()
+    return [
+        {
+            "name": k,
+            **{m: round(scores[k][m], 4) for m in ("AP", "AP50", "AP_S", "AP_M", "AP_L")},
+            "chips_per_image": round(by_level[k].sum() / n, 2),
+            "chips_per_image_by_level": (by_level[k] / n).round(2).tolist(),
+            "chips_ratio": round(pyramid_chips / max(by_level[k].sum(), 1), 3),
+            "AP_lost_points": round(100 * (base["AP"] - scores[k]["AP"]), 2),
+            "AP_S_lost_points": round(100 * (base["AP_S"] - scores[k]["AP_S"]), 2),
+        }
+        for k in keys
+    ]
+
+
+def walk_parser(description: str, default_model: Path) -> argparse.ArgumentParser:
+    """The options every walk experiment takes (``--data``, ``--model``, ``--threads``, ``--json``); add its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--model", type=Path, default=default_model)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, required=True)
+    return p
+
+
+def report_walks(rows: list[dict[str, Any]], data: Path, model: Path, json_path: Path) -> None:
+    """Print one JSON row per configuration and write them all (with the data and model) to ``json_path``."""
+    for r in rows:
+        print(json.dumps(r))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"data": str(data), "model": str(model), "rows": rows}, indent=1) + "\n")
 
 
 def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:

@@ -104,7 +104,7 @@ class BatcherConfig(BaseModel):
         description="The drain rate is the chips completed over the busy seconds of the batches of this last window.",
     )
     admission_headroom: float = Field(
-        default=0.05,
+        default=0.15,
         ge=0,
         lt=1,
         description="Share of the admission rate held back when admission by time plans (a promise of 8 s is then "

@@ -307,6 +307,16 @@ class FocusRun:
             self._pending = None
             return
         finer = self.full.levels[self._level - 1]
+        fmap = self.focus_map(lv, finer, chips, dets, maps)
+        step = focus_step(fmap, lv, finer, self.full.chip_size, self.cfg)
+        self._level -= 1
+        self._pending, self._area, self._regions = step.chips, step.area, int(step.regions.shape[0])
+
+    def focus_map(
+        self, lv: Level, finer: Level, chips: np.ndarray, dets: ChipDetections, maps: np.ndarray | None
+    ) -> np.ndarray:
+        """The map of ``lv`` that ``finer``'s FocusChips are planned from (``float32 [ceil(H/s), ceil(W/s)]``):
+        the chips' head maps, the fallback's map of their detections, or both (max), per ``cfg.source``."""
         c, stride = self.full.chip_size, self.cfg.stride
         fmap = np.zeros((math.ceil(lv.height / stride), math.ceil(lv.width / stride)), np.float32)
         if self.cfg.source != "detections":
@@ -318,9 +328,7 @@ class FocusRun:
             off = chips[dets.chip, 1:3].astype(np.float32)
             boxes = dets.boxes + np.concatenate([off, off], axis=1)
             fmap = np.maximum(fmap, detections_focus_map(boxes, dets.scores, lv, finer, stride))
-        step = focus_step(fmap, lv, finer, c, self.cfg)
-        self._level -= 1
-        self._pending, self._area, self._regions = step.chips, step.area, int(step.regions.shape[0])
+        return fmap
 
     def plan(self) -> ChipPlan:
         chips = np.concatenate(self._ran) if self._ran else np.zeros((0, 3), np.int32)

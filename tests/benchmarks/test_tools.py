@@ -104,3 +104,48 @@ def test_focus_per_level_thresholds_span_pyramid_to_coarsest_level(tmp_path: Pat
     assert zero["chips_per_image_by_level"] == pyramid["chips_per_image_by_level"] and zero["AP"] == pyramid["AP"]
     assert none["chips_per_image_by_level"][:-1] == [0.0] * (len(pyramid["chips_per_image_by_level"]) - 1)
     assert focus_per_level.parse_combo("0=0.05,1=0.2") == {0: 0.05, 1: 0.2}
+
+
+def test_focus_oracle_map_marks_only_needed_objects_where_chips_ran() -> None:
+    """The oracle paints the cells of objects small enough for the finer level and seen (min_px at this level),
+    only inside the chips that ran; large and ignored objects stay 0."""
+    from focus_oracle import OracleRun
+
+    from service.adapters import ChipDetections
+    from service.focus import FocusConfig
+    from service.plan import LevelSpec, PlanConfig, plan
+
+    p = plan(
+        (1024, 512), PlanConfig(chip_size=256, levels=(LevelSpec(scale=1.0), LevelSpec(scale=0.25)), max_chips=999)
+    )
+    fine, coarse = p.levels
+    boxes = np.array([[100, 100, 110, 110], [600, 300, 612, 312], [700, 50, 900, 250], [40, 400, 50, 410]], np.float32)
+    classes = np.array([0, 0, 0, -1])  # a small object, another, one too large for the finer level, an ignore region
+    run = OracleRun(p, FocusConfig(), 0.5, boxes, classes, min_px=0)
+    chips = p.chips[p.chips[:, 0] == 1]
+    fmap = run.focus_map(coarse, fine, chips, ChipDetections.empty(), None)
+    assert fine.hi < 200 and fmap.shape == (8, 16)  # 128 x 256 coarse px at stride 16
+    assert sorted(map(tuple, np.argwhere(fmap == 1).tolist())) == [(1, 1), (4, 9)]  # 10 px at 0.25 -> one cell
+    assert fmap[1, 1] == 1 and fmap.sum() == 2
+    unseen = OracleRun(p, FocusConfig(), 0.5, boxes, classes, min_px=3.5)  # both small ones are 2.5-3 px at 0.25
+    assert unseen.focus_map(coarse, fine, chips, ChipDetections.empty(), None).sum() == 0
+    none_ran = run.focus_map(coarse, fine, chips[:0], ChipDetections.empty(), None)
+    assert none_ran.sum() == 0
+
+
+def test_focus_oracle_rows_span_pyramid_to_coarsest_level(tmp_path: Path) -> None:
+    """min_px 0 plans no more chips than the pyramid; a min_px no object reaches runs the coarsest level alone."""
+    import focus_oracle
+
+    from models.synth import SynthConfig, write_dataset
+
+    data = tmp_path / "synth"
+    write_dataset(data, 2, 5, SynthConfig(min_long_side=640, max_long_side=800))
+    out = tmp_path / "o.json"
+    args = ["--data", str(data), "--json", str(out), "--threads", "1", "--min-px", "0", "--min-px", "1e6"]
+    assert focus_oracle.main(args) == 0
+    pyramid, oracle, blind = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in (pyramid, oracle, blind)] == ["pyramid", "oracle min_px=0", "oracle min_px=1e+06"]
+    assert oracle["chips_ratio"] >= 1.0 and oracle["chips_per_image"] <= pyramid["chips_per_image"]
+    levels = pyramid["chips_per_image_by_level"]
+    assert blind["chips_per_image_by_level"] == [0.0] * (len(levels) - 1) + [levels[-1]]

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from loadtest.images import parse_mix
-from loadtest.scheduling import OpenLoop, capacity, open_loop, probe_summary, summarize, write_rows
+from loadtest.scheduling import OpenLoop, best_rescale, capacity, open_loop, probe_summary, summarize, write_rows
 
 
 def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
@@ -34,10 +35,22 @@ def test_summary_compares_both_retry_hints_with_the_next_admission() -> None:
     assert precise["share_within_2x_of_bounds"] == 1.0
     assert header["share_within_2x_of_bounds"] == 0.5  # 2.0 s is over 2x of anything in (0.1, 0.5]; 0.1 s fits
     assert set(s["retry_after_s_over_needed_by_image"]) == {mix[0].name}
+    # one factor puts both precise hints within 2x (0.5 and 0.05 of needed: 10x apart, over a 4x band): not both
+    assert precise["share_within_2x_best_rescale"] == 0.5
     assert s["by_image"][mix[0].name]["p50"] == 200.0  # ms, nearest rank of 200 and 300 ms
     split = s["split_ms"]  # the two timed admissions: 200 ms = 150 + 50 outside, 300 ms = 200 + 100 outside
     assert (split["handler_total"]["max"], split["queue_wait"]["max"]) == (200.0, 100.0)
     assert split["outside_handler"]["p50"] == 50.0 and split["outside_handler"]["max"] == 100.0
+
+
+def test_best_rescale_tells_bias_from_spread() -> None:
+    """Hints all 3x too long: a factor of 1/3 fixes every one. Needed waits spread 16x around the hint: no factor
+    puts more than the ones inside a 4x band within 2x."""
+    c, share = best_rescale(np.full(50, 3.0))
+    assert share == 1.0 and abs(c - 1 / 3) < 1e-9
+    c, share = best_rescale(np.array([0.25, 0.5, 1.0, 2.0, 4.0]))
+    assert share == 0.6 and 0.5 <= c <= 2.0  # three of five ratios span 4x; a fourth would need a 8x band
+    assert best_rescale(np.array([])) == (1.0, 0.0)
 
 
 def test_raw_rows_are_written_one_json_object_per_request_in_send_order(tmp_path: Path) -> None:

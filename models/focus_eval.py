@@ -109,17 +109,9 @@ def sweep(
     chip = pipe.card.input_size
     pyramid_opts = mode_options("pyramid", chip, cfg)
     focus_opts = {t: mode_options("focus", chip, cfg.model_copy(update={"focus_threshold": t})) for t in thresholds}
-    cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
-    dets: dict[str, list[dict[str, Any]]] = {"pyramid": [], **{str(t): [] for t in thresholds}}
-    chips = dict.fromkeys(dets, 0)
-    by_level: dict[str, np.ndarray] = {k: np.zeros(len(pipe.card.default_levels), np.int64) for k in dets}
+    tally = _Tally(["pyramid", *(str(t) for t in thresholds)], coco, len(pipe.card.default_levels))
     seconds = 0.0
-    it: Any = list(zip(coco["images"], items, strict=True))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=f"focus sweep {thresholds}", unit="img")
-    for im, (path, _, _) in it:
+    for im, (path, _, _) in _images(coco, items, f"focus sweep {thresholds}" if progress else None):
         image = read_rgb(path)
         t0 = time.perf_counter()
         prepared = pipe.prepare(image, pyramid_opts)
@@ -128,10 +120,8 @@ def sweep(
         seconds += time.perf_counter() - t0
         results = {"pyramid": full} | {str(t): replay(pipe, prepared, cache, focus_opts[t]) for t in thresholds}
         for k, res in results.items():
-            dets[k] += _coco_dets(res, im["id"], cat_ids)
-            chips[k] += res.num_chips
-            by_level[k][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))
-    rows = _rows({k: coco_scores(coco, v) for k, v in dets.items()}, chips, by_level, len(items))
+            tally.add(k, res, im["id"])
+    rows = [{"threshold": None if k == "pyramid" else float(k), **r} for k, r in tally.rows().items()]
     focus_rows = [r for r in rows if r["threshold"] is not None]
     meets = [r for r in focus_rows if r["chips_ratio"] >= GOAL_RATIO and r["AP_lost_points"] <= GOAL_AP_LOST]
     best = max(meets, key=lambda r: r["chips_ratio"]) if meets else None
@@ -155,8 +145,8 @@ def compare_walks(
     data_dir: Path, model_path: Path | None, walks: dict[str, Walk], threads: int = 2, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Pyramid and each named coarse-to-fine walk (a :class:`FocusRun` variant, for experiments) on the dataset
-    at ``data_dir``: one row each ('pyramid' first) with AP, AP_S, AP_M, chips per image (and per level), the
-    pyramid's chips over the walk's, and AP points lost. Each image runs once through the pyramid; every walk
+    at ``data_dir``: one row each ('pyramid' first) with COCO AP (all, S/M/L), chips per image (and per level),
+    the pyramid's chips over the walk's, and AP points lost. Each image runs once through the pyramid; every walk
     replays on the cached chip outputs, as :func:`sweep` does, so a row is what the service would serve with it."""
     from service.engines import EngineConfig
     from service.pipeline import Pipeline
@@ -169,16 +159,8 @@ def compare_walks(
     focus = pipe.focus_config(focus_opts)
     if focus is None:
         raise ValueError(f"{model_path}: the model card has no focus settings")
-    cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
-    keys = ["pyramid", *walks]
-    dets: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
-    by_level = {k: np.zeros(len(pipe.card.default_levels), np.int64) for k in keys}
-    it: Any = list(zip(coco["images"], items, strict=True))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=f"walks {list(walks)}", unit="img")
-    for im, (path, boxes, classes) in it:
+    tally = _Tally(["pyramid", *walks], coco, len(pipe.card.default_levels))
+    for im, (path, boxes, classes) in _images(coco, items, f"walks {list(walks)}" if progress else None):
         prepared = pipe.prepare(read_rgb(path), pyramid)
         cache = ChipCache(pipe, prepared)
         results = {"pyramid": pipe.finish(prepared, cache.get(prepared.plan.chips)[0], pyramid)}
@@ -186,22 +168,8 @@ def compare_walks(
             run = walk(prepared.plan, focus, prepared.threshold, boxes, classes)
             results[key] = replay(pipe, prepared, cache, focus_opts, run)
         for key, res in results.items():
-            dets[key] += _coco_dets(res, im["id"], cat_ids)
-            by_level[key][: len(res.plan.levels)] += np.bincount(res.plan.chips[:, 0], minlength=len(res.plan.levels))
-    scores = {k: coco_scores(coco, v) for k, v in dets.items()}
-    n, base, pyramid_chips = max(len(items), 1), scores["pyramid"], by_level["pyramid"].sum()
-    return [
-        {
-            "name": k,
-            **{m: round(scores[k][m], 4) for m in ("AP", "AP50", "AP_S", "AP_M", "AP_L")},
-            "chips_per_image": round(by_level[k].sum() / n, 2),
-            "chips_per_image_by_level": (by_level[k] / n).round(2).tolist(),
-            "chips_ratio": round(pyramid_chips / max(by_level[k].sum(), 1), 3),
-            "AP_lost_points": round(100 * (base["AP"] - scores[k]["AP"]), 2),
-            "AP_S_lost_points": round(100 * (base["AP_S"] - scores[k]["AP_S"]), 2),
-        }
-        for k in keys
-    ]
+            tally.add(key, res, im["id"])
+    return [{"name": k, **r} for k, r in tally.rows().items()]
 
 
 def walk_parser(description: str, default_model: Path) -> argparse.ArgumentParser:
@@ -222,6 +190,16 @@ def report_walks(rows: list[dict[str, Any]], data: Path, model: Path, json_path:
     json_path.write_text(json.dumps({"data": str(data), "model": str(model), "rows": rows}, indent=1) + "\n")
 
 
+def _images(coco: dict[str, Any], items: list[Any], progress: str | None) -> Any:
+    """``(COCO image, item)`` pairs of a dataset, behind a tqdm bar described by ``progress`` (None: no bar)."""
+    pairs = list(zip(coco["images"], items, strict=True))
+    if progress is None:
+        return pairs
+    from tqdm import tqdm
+
+    return tqdm(pairs, desc=progress, unit="img")
+
+
 def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:
     """The COCO dict and items of ``data_dir``, cut to the first ``max_images`` images."""
     coco, items = load_coco(data_dir)
@@ -234,23 +212,39 @@ def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], li
     ]
 
 
-def _rows(
-    scored: dict[str, dict[str, Any]], chips: dict[str, int], by_level: dict[str, np.ndarray], images: int
-) -> list[dict[str, Any]]:
-    """One row per configuration ('pyramid' first, then each threshold): COCO AP, chips, ratios to the pyramid."""
-    n, base = max(images, 1), scored["pyramid"]
-    rows = []
-    for k in scored:
-        r = {m: round(scored[k][m], 4) for m in METRICS}
-        r |= {
-            "chips_per_image": round(chips[k] / n, 2),
-            "chips_per_image_by_level": [round(float(c) / n, 2) for c in by_level[k]],
-            "chips_ratio": round(chips["pyramid"] / max(chips[k], 1), 3),
-            "AP_lost_points": round(100 * (base["AP"] - scored[k]["AP"]), 2),
-            "AP_S_lost_points": round(100 * (base["AP_S"] - scored[k]["AP_S"]), 2),
+class _Tally:
+    """Detections (COCO results) and chips per level of each configuration ('pyramid' among them) over a dataset,
+    and from them one row per configuration: COCO AP, chips per image, ratios to the pyramid, AP points lost."""
+
+    def __init__(self, keys: list[str], coco: dict[str, Any], n_levels: int) -> None:
+        self.coco = coco
+        self.cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+        self.dets: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
+        self.by_level = {k: np.zeros(n_levels, np.int64) for k in keys}
+
+    def add(self, key: str, res: Any, image_id: int) -> None:
+        """One image's result (``Pipeline.finish`` / ``finish_focus``) under configuration ``key``."""
+        self.dets[key] += _coco_dets(res, image_id, self.cat_ids)
+        levels = len(res.plan.levels)
+        self.by_level[key][:levels] += np.bincount(res.plan.chips[:, 0], minlength=levels)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Per configuration (in the order given): COCO AP, chips per image (and per level), the pyramid's chips
+        over its chips, AP and AP_S points lost against the pyramid."""
+        scored = {k: coco_scores(self.coco, v) for k, v in self.dets.items()}
+        n, base = max(len(self.coco["images"]), 1), scored["pyramid"]
+        chips = {k: int(v.sum()) for k, v in self.by_level.items()}
+        return {
+            k: {m: round(scored[k][m], 4) for m in METRICS}
+            | {
+                "chips_per_image": round(chips[k] / n, 2),
+                "chips_per_image_by_level": [round(float(c) / n, 2) for c in self.by_level[k]],
+                "chips_ratio": round(chips["pyramid"] / max(chips[k], 1), 3),
+                "AP_lost_points": round(100 * (base["AP"] - scored[k]["AP"]), 2),
+                "AP_S_lost_points": round(100 * (base["AP_S"] - scored[k]["AP_S"]), 2),
+            }
+            for k in scored
         }
-        rows.append({"threshold": None if k == "pyramid" else float(k), **r})
-    return rows
 
 
 def markdown(results: dict[str, Any]) -> str:

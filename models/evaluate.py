@@ -148,6 +148,14 @@ def breakdown(coco: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, Any
     return {"per_class": per_class, "per_source": per_source}
 
 
+def load_pipeline(model_path: Path, threads: int, max_batch: int) -> Any:
+    """The service's ``Pipeline`` for ``model_path`` on ONNX Runtime."""
+    from service.engines import EngineConfig
+    from service.pipeline import Pipeline
+
+    return Pipeline.load(model_path, EngineConfig(intra_op_threads=threads, max_batch=max_batch))
+
+
 def evaluate(
     data_dir: Path,
     model_path: Path | None,
@@ -156,8 +164,6 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run ``modes`` over the dataset at ``data_dir`` and score them; returns the results dict."""
-    from service.engines import EngineConfig
-    from service.pipeline import Pipeline
     from service.settings import default_model_path
 
     cfg = cfg or EvalConfig()
@@ -171,7 +177,7 @@ def evaluate(
         }
         items = items[: cfg.max_images]
     model_path = model_path or default_model_path()  # no --model: the shipped model (as the CLI's help says)
-    pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=cfg.threads, max_batch=cfg.max_batch))
+    pipe = load_pipeline(model_path, cfg.threads, cfg.max_batch)
     chip = pipe.card.input_size
     options = {m: mode_options(m, chip, cfg) for m in modes}
     cat_ids = [c["id"] for c in sorted(coco["categories"], key=lambda c: c["id"])]

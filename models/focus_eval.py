@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluate import METRICS, EvalConfig, coco_scores, mode_options, read_rgb
+from models.evaluate import METRICS, EvalConfig, coco_scores, load_pipeline, mode_options, read_rgb
 from models.synth import load_coco
 from service.adapters import ChipDetections
 from service.focus import FocusConfig, FocusRun
@@ -100,12 +100,12 @@ def sweep(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pyramid and focus at each of ``thresholds`` on the dataset at ``data_dir``; the results dict."""
-    from service.engines import EngineConfig
-    from service.pipeline import Pipeline
+    from service.settings import default_model_path
 
     cfg = cfg or EvalConfig()
     coco, items = _dataset(data_dir, cfg.max_images)
-    pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=cfg.threads, max_batch=cfg.max_batch))
+    model_path = model_path or default_model_path()  # no --model: the shipped model, as evaluate() runs
+    pipe = load_pipeline(model_path, cfg.threads, cfg.max_batch)
     chip = pipe.card.input_size
     pyramid_opts = mode_options("pyramid", chip, cfg)
     focus_opts = {t: mode_options("focus", chip, cfg.model_copy(update={"focus_threshold": t})) for t in thresholds}
@@ -127,7 +127,7 @@ def sweep(
     best = max(meets, key=lambda r: r["chips_ratio"]) if meets else None
     return {
         "data": str(data_dir),
-        "model": str(model_path) if model_path is not None else "default",
+        "model": str(model_path),
         "focus_source": {"both": "head and detections"}.get(pipe.card.focus_spec.source, pipe.card.focus_spec.source),
         "images": len(items),
         "pyramid": rows[0],
@@ -142,18 +142,15 @@ def sweep(
 
 
 def compare_walks(
-    data_dir: Path, model_path: Path | None, walks: dict[str, Walk], threads: int = 2, progress: bool = True
+    data_dir: Path, model_path: Path, walks: dict[str, Walk], threads: int = 2, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Pyramid and each named coarse-to-fine walk (a :class:`FocusRun` variant, for experiments) on the dataset
     at ``data_dir``: one row each ('pyramid' first) with COCO AP (all, S/M/L), chips per image (and per level),
     the pyramid's chips over the walk's, and AP points lost. Each image runs once through the pyramid; every walk
     replays on the cached chip outputs, as :func:`sweep` does, so a row is what the service would serve with it."""
-    from service.engines import EngineConfig
-    from service.pipeline import Pipeline
-
     cfg = EvalConfig()
     coco, items = _dataset(data_dir, None)
-    pipe = Pipeline.load(model_path, EngineConfig(intra_op_threads=threads, max_batch=16))
+    pipe = load_pipeline(model_path, threads, 16)
     pyramid = mode_options("pyramid", pipe.card.input_size, cfg)
     focus_opts = mode_options("focus", pipe.card.input_size, cfg)
     focus = pipe.focus_config(focus_opts)

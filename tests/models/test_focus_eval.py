@@ -55,3 +55,16 @@ def test_reports(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["focus.json", "focus.md", "focus_focus_curve.png"]
     assert all(p.stat().st_size > 0 for p in paths)
     assert "met at threshold 0.3" in markdown(results)
+
+
+def test_sweep_without_a_model_runs_the_shipped_one(tmp_path: Path) -> None:
+    """``snipserve eval --mode focus --sweep`` without ``--model`` evaluates the shipped model, as ``evaluate`` and
+    the CLI's help say (it used to fail: 'no model path given'); threshold 0 is the pyramid, chip for chip."""
+    from models.focus_eval import sweep
+    from models.synth import SynthConfig, write_dataset
+
+    data = tmp_path / "synth"
+    write_dataset(data, 1, 5, SynthConfig(min_long_side=640, max_long_side=700))
+    res = sweep(data, None, [0.0], EvalConfig(threads=1), progress=False)
+    assert res["model"].endswith("snipserve_default.onnx") and res["focus_source"] == "head"
+    assert res["focus"][0]["chips_per_image"] == res["pyramid"]["chips_per_image"] > 0

@@ -148,6 +148,16 @@ def breakdown(coco: dict[str, Any], dets: list[dict[str, Any]]) -> dict[str, Any
     return {"per_class": per_class, "per_source": per_source}
 
 
+def load_dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:
+    """The COCO dict and items of ``data_dir`` (``load_coco``), cut to the first ``max_images`` images."""
+    coco, items = load_coco(data_dir)
+    if max_images is None:
+        return coco, items
+    keep = {im["id"] for im in coco["images"][:max_images]}
+    annotations = [a for a in coco["annotations"] if a["image_id"] in keep]
+    return {**coco, "images": coco["images"][:max_images], "annotations": annotations}, items[:max_images]
+
+
 def load_pipeline(model_path: Path, threads: int, max_batch: int) -> Any:
     """The service's ``Pipeline`` for ``model_path`` on ONNX Runtime."""
     from service.engines import EngineConfig
@@ -167,15 +177,7 @@ def evaluate(
     from service.settings import default_model_path
 
     cfg = cfg or EvalConfig()
-    coco, items = load_coco(data_dir)
-    if cfg.max_images is not None:
-        keep = {im["id"] for im in coco["images"][: cfg.max_images]}
-        coco = {
-            **coco,
-            "images": coco["images"][: cfg.max_images],
-            "annotations": [a for a in coco["annotations"] if a["image_id"] in keep],
-        }
-        items = items[: cfg.max_images]
+    coco, items = load_dataset(data_dir, cfg.max_images)
     model_path = model_path or default_model_path()  # no --model: the shipped model (as the CLI's help says)
     pipe = load_pipeline(model_path, cfg.threads, cfg.max_batch)
     chip = pipe.card.input_size

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluate import METRICS, EvalConfig, coco_scores, load_pipeline, mode_options, read_rgb
-from models.synth import load_coco
+from models.evaluate import METRICS, EvalConfig, coco_scores, load_dataset, load_pipeline, mode_options, read_rgb
 from service.adapters import ChipDetections
 from service.focus import FocusConfig, FocusRun
 from service.plan import ChipPlan
@@ -103,7 +102,7 @@ def sweep(
     from service.settings import default_model_path
 
     cfg = cfg or EvalConfig()
-    coco, items = _dataset(data_dir, cfg.max_images)
+    coco, items = load_dataset(data_dir, cfg.max_images)
     model_path = model_path or default_model_path()  # no --model: the shipped model, as evaluate() runs
     pipe = load_pipeline(model_path, cfg.threads, cfg.max_batch)
     chip = pipe.card.input_size
@@ -149,7 +148,7 @@ def compare_walks(
     the pyramid's chips over the walk's, and AP points lost. Each image runs once through the pyramid; every walk
     replays on the cached chip outputs, as :func:`sweep` does, so a row is what the service would serve with it."""
     cfg = EvalConfig()
-    coco, items = _dataset(data_dir, None)
+    coco, items = load_dataset(data_dir, None)
     pipe = load_pipeline(model_path, threads, 16)
     pyramid = mode_options("pyramid", pipe.card.input_size, cfg)
     focus_opts = mode_options("focus", pipe.card.input_size, cfg)
@@ -195,18 +194,6 @@ def _images(coco: dict[str, Any], items: list[Any], progress: str | None) -> Any
     from tqdm import tqdm
 
     return tqdm(pairs, desc=progress, unit="img")
-
-
-def _dataset(data_dir: Path, max_images: int | None) -> tuple[dict[str, Any], list[Any]]:
-    """The COCO dict and items of ``data_dir``, cut to the first ``max_images`` images."""
-    coco, items = load_coco(data_dir)
-    if max_images is None:
-        return coco, items
-    keep = {im["id"] for im in coco["images"][:max_images]}
-    images = coco["images"][:max_images]
-    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}, items[
-        :max_images
-    ]
 
 
 class _Tally:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.focus_eval import Walk, compare_walks, report_walks, walk_parser  # noqa: E402
 from service.adapters import ChipDetections  # noqa: E402
-from service.focus import FocusConfig, FocusRun, level_focus_map  # noqa: E402
+from service.focus import FocusConfig, FocusRun, detections_focus_map, level_focus_map  # noqa: E402
 from service.plan import ChipPlan, Level  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "snipserve_default.onnx"
@@ -51,16 +51,10 @@ class OracleRun(FocusRun):
     ) -> np.ndarray:
         c, s = self.full.chip_size, self.cfg.stride
         covered = level_focus_map(np.ones((chips.shape[0], c // s, c // s), np.float32), chips[:, 1:3], lv, c, s)
-        out = np.zeros_like(covered)
-        b = self.boxes
-        side = np.sqrt(np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 0))
-        needed = (side <= finer.hi) & (side * lv.scale >= self.min_px)
-        gh, gw = out.shape
-        for x1, y1, x2, y2 in (b[needed] * lv.scale).tolist():
-            ca, cb = max(int(x1 // s), 0), min(int(np.ceil(x2 / s)), gw)
-            ra, rb = max(int(y1 // s), 0), min(int(np.ceil(y2 / s)), gh)
-            out[ra:rb, ca:cb] = 1.0
-        return out * covered
+        b = self.boxes * lv.scale  # level px
+        seen = np.sqrt(np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 0)) >= self.min_px
+        # the fallback's painter keeps the objects small enough for the finer level; score 1 = in focus
+        return detections_focus_map(b[seen], np.ones(int(seen.sum()), np.float32), lv, finer, s) * covered
 
 
 def _walk(min_px: float) -> Walk:
